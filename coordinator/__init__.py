@@ -1,0 +1,1 @@
+"""The coordinator: the emulated kernel memory manager."""

@@ -1,0 +1,238 @@
+"""Shared objects and their page caches (the kernel's address_space / radix tree).
+
+Two kinds: ``shm`` (a named shared-memory object, like a file in /dev/shm:
+zero-filled pages, kept until ``shm_unlink`` and the last unmap) and ``file``
+(a real file: pages are read from it on a fault and dirty pages are written
+back to it on ``msync``, on the last unmap, and at cluster stop).
+
+``cache`` maps page index -> page, encoded like a present PTE (node and pfn).
+A page being filled is in the cache *locked* and not uptodate; whoever faults
+on it waits on the page lock and retries (the kernel's lock_page in
+filemap_fault).  ``tree_lock`` serialises changes of the cache slots that span
+an await (page-cache migration in the next step takes it; seed steps 6-11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from numaemu import protocol as P
+from numaemu.errors import NumaError
+
+from .mempolicy import MemPolicy
+from .pages import PTE_PRESENT, PTE_WRITE, PageFlag, make_ptes, pte_node, pte_pfn
+
+log = logging.getLogger("numaemu.coordinator")
+
+
+@dataclass(eq=False)
+class SharedObject:
+    """A page cache: named shared memory or a real file."""
+
+    oid: int
+    kind: str  # "shm" or "file"
+    name: str  # shm name, or the file's absolute path
+    npages: int
+    size: int  # bytes (file size for files)
+    cache: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    policy: MemPolicy | None = None  # shared policy (mbind on a shm mapping)
+    unlinked: bool = False
+    maps: int = 0  # number of VMAs mapping it
+    tree_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def grow(self, npages: int) -> None:
+        if npages > len(self.cache):
+            self.cache = np.concatenate((self.cache,
+                                         np.zeros(npages - len(self.cache), dtype=np.int64)))
+        self.npages = max(self.npages, npages)
+
+    @property
+    def path_text(self) -> str:
+        """What numa_maps prints after ``file=``."""
+        return f"/dev/shm/{self.name}" if self.kind == "shm" else self.name
+
+
+def open_object(kernel, *, shared: str | None, file: str | None, npages: int) -> SharedObject:
+    """Find or create the object a shared mapping of ``npages`` pages maps."""
+    if file is not None:
+        path = os.path.abspath(file)
+        obj = kernel.files.get(path)
+        if obj is None:
+            try:
+                size = os.stat(path).st_size
+                with open(path, "rb+"):
+                    pass
+            except FileNotFoundError:
+                raise NumaError(errno.ENOENT, f"no such file: {path}") from None
+            except IsADirectoryError:
+                raise NumaError(errno.ENODEV, f"{path} is a directory") from None
+            except PermissionError:
+                raise NumaError(errno.EACCES, f"cannot open {path} for writing") from None
+            file_pages = -(-size // kernel.page_size)
+            obj = SharedObject(kernel.new_object_id(), "file", path, file_pages, size)
+            obj.grow(file_pages)
+            kernel.files[path] = obj
+            kernel.objects[obj.oid] = obj
+        obj.grow(npages)  # pages past EOF are in the VMA but fault with SIGBUS
+        return obj
+    obj = kernel.shm_names.get(shared)
+    if obj is None:
+        obj = SharedObject(kernel.new_object_id(), "shm", shared, npages,
+                           npages * kernel.page_size)
+        obj.grow(npages)
+        kernel.shm_names[shared] = obj
+        kernel.objects[obj.oid] = obj
+    obj.grow(npages)
+    obj.size = max(obj.size, npages * kernel.page_size) if obj.kind == "shm" else obj.size
+    return obj
+
+
+async def fill_from_file(kernel, obj: SharedObject, idx: np.ndarray, nodes: np.ndarray,
+                         pfns: np.ndarray) -> None:
+    """Read file pages ``idx`` into fresh frames (the readpage of a file fault)."""
+    ps = kernel.page_size
+    data = bytearray(len(idx) * ps)
+    try:
+        with open(obj.name, "rb") as f:
+            for i, index in enumerate(idx.tolist()):
+                chunk = os.pread(f.fileno(), ps, index * ps)
+                data[i * ps : i * ps + len(chunk)] = chunk
+    except OSError as exc:
+        raise NumaError(errno.EIO, f"reading {obj.name}: {exc}") from None
+    view = memoryview(data)
+    for n in np.unique(nodes).tolist():
+        sel = np.flatnonzero(nodes == n)
+        chunk = b"".join(view[i * ps : (i + 1) * ps] for i in sel.tolist())
+        await kernel.node(n).peer.call(P.WriteFrames(pfns=pfns[sel].astype(P.PFN), data=chunk))
+
+
+def mappers(kernel, obj: SharedObject):
+    """Every (task, vma) mapping ``obj`` (the rmap walk of an address_space)."""
+    for task in list(kernel.tasks.values()):
+        for vma in task.vmas:
+            if vma.obj is obj:
+                yield task, vma
+
+
+async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None) -> int:
+    """Write dirty pages of a file object back to the file; return how many were written.
+
+    Order as in the kernel's write_cache_pages: lock the page, write-protect it in
+    every mapping and flush those TLBs (clear_page_dirty_for_io: a store after this
+    faults and re-dirties the page), set writeback, unlock, do the I/O, end writeback.
+    """
+    from .shootdown import flush_tlb
+
+    if obj.kind != "file":
+        return 0
+    cache = obj.cache[: obj.npages]
+    if indices is None:
+        indices = np.flatnonzero(cache)
+    indices = indices[(indices < min(obj.npages, -(-obj.size // kernel.page_size)))]
+    indices = indices[cache[indices] != 0]
+    if len(indices) == 0:
+        return 0
+    entries = cache[indices]
+    nodes, pfns = pte_node(entries), pte_pfn(entries)
+    dirty = np.zeros(len(indices), dtype=bool)
+    for n in np.unique(nodes).tolist():
+        sel = nodes == n
+        dirty[sel] = (kernel.tables[n].flags[pfns[sel]] & PageFlag.DIRTY) != 0
+    indices, nodes, pfns = indices[dirty], nodes[dirty], pfns[dirty]
+    if len(indices) == 0:
+        return 0
+    await lock_pages(kernel, nodes, pfns)
+    try:
+        # clear_page_dirty_for_io: write-protect every mapping, then flush their TLBs.
+        targets: dict = {}
+        for task, vma in mappers(kernel, obj):
+            offs = indices - vma.pgoff
+            inside = (offs >= 0) & (offs < vma.end - vma.start)
+            offs = offs[inside]
+            writable = (vma.pte[offs] & PTE_WRITE) != 0
+            offs = offs[writable]
+            if len(offs):
+                vma.pte[offs] &= ~PTE_WRITE
+                targets.setdefault(task, []).append(offs + vma.start)
+        await flush_tlb(kernel, targets, write_only=True)
+        for n in np.unique(nodes).tolist():
+            table = kernel.tables[n]
+            sel = pfns[nodes == n]
+            table.flags[sel] = (table.flags[sel] & ~np.uint32(PageFlag.DIRTY)) | PageFlag.WRITEBACK
+    finally:
+        for n in np.unique(nodes).tolist():
+            kernel.locks.unlock(n, pfns[nodes == n])
+    try:
+        await _write_pages(kernel, obj, indices, nodes, pfns)
+    finally:
+        for n in np.unique(nodes).tolist():
+            kernel.tables[n].flags[pfns[nodes == n]] &= ~np.uint32(PageFlag.WRITEBACK)
+    return len(indices)
+
+
+async def _write_pages(kernel, obj, indices, nodes, pfns) -> None:
+    ps = kernel.page_size
+    contents: dict[int, bytes] = {}
+    for n in np.unique(nodes).tolist():
+        sel = np.flatnonzero(nodes == n)
+        reply = await kernel.node(n).peer.call(P.ReadFrames(pfns=pfns[sel].astype(P.PFN)))
+        data = reply["data"]
+        for j, i in enumerate(sel.tolist()):
+            contents[i] = data[j * ps : (j + 1) * ps]
+    try:
+        fd = os.open(obj.name, os.O_WRONLY)
+    except OSError as exc:
+        raise NumaError(errno.EIO, f"writing back {obj.name}: {exc}") from None
+    try:
+        for i, index in enumerate(indices.tolist()):
+            offset = index * ps
+            size = min(ps, obj.size - offset)  # never extend the file
+            if size > 0:
+                os.pwrite(fd, contents[i][:size], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def lock_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> None:
+    """lock_page on every page, sleeping on those someone else holds."""
+    pending = np.ones(len(pfns), dtype=bool)
+    while pending.any():
+        for n in np.unique(nodes[pending]).tolist():
+            sel = np.flatnonzero(pending & (nodes == n))
+            got = kernel.locks.trylock(n, pfns[sel])
+            pending[sel[got]] = False
+        if pending.any():
+            i = int(np.flatnonzero(pending)[0])
+            await kernel.locks.wait_on_page_locked(int(nodes[i]), int(pfns[i]), timeout=30)
+
+
+def cache_entry(node: int, pfn: np.ndarray) -> np.ndarray:
+    """Page-cache slot value for a page (same encoding as a read-only PTE)."""
+    return make_ptes(node, pfn, False)
+
+
+async def release_object(kernel, obj: SharedObject) -> None:
+    """Drop the page cache of an object nobody maps any more (and that is unlinked, or a file)."""
+    if obj.maps > 0 or (obj.kind == "shm" and not obj.unlinked):
+        return
+    if obj.kind == "file":
+        try:
+            await writeback(kernel, obj)
+        except NumaError as exc:
+            log.warning("writeback of %s on release failed: %s", obj.name, exc)
+        kernel.files.pop(obj.name, None)
+    else:
+        if kernel.shm_names.get(obj.name) is obj:
+            kernel.shm_names.pop(obj.name, None)
+    kernel.objects.pop(obj.oid, None)
+    present = np.flatnonzero(obj.cache & PTE_PRESENT)
+    entries = obj.cache[present]
+    obj.cache[present] = 0
+    await kernel.put_pages(pte_node(entries), pte_pfn(entries))

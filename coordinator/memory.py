@@ -1,0 +1,235 @@
+"""The fault handler (mm/memory.c): resolve every missing page of one access at once.
+
+A client's access that misses its TLB sends one ``fault`` with all missing
+pages.  For each page, by its VMA:
+
+* anonymous, none: a write allocates a zeroed frame by policy; a read maps the
+  shared zero page (no frame, as Linux does);
+* shared object (shm / file): look the page up in the object's page cache; a
+  missing page is allocated (and read from the file), inserted locked, filled,
+  then unlocked; a page found locked is waited on and the lookup redone;
+* a write to a read-only file page marks the page dirty (page_mkwrite);
+* a migration entry: wait on the old page's lock, then redo the fault, which
+  reaches the new page (seed steps 5, 11, 19).
+
+Allocation of all new pages of a VMA is one batch per node.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import numpy as np
+
+from numaemu import protocol as P
+from numaemu.errors import NumaError
+
+from .filemap import cache_entry, fill_from_file
+from .mm import Task, Vma
+from .pages import (
+    PTE_MIGRATION,
+    PTE_PRESENT,
+    PTE_WRITE,
+    PTE_ZERO,
+    PageFlag,
+    make_ptes,
+    pte_node,
+    pte_pfn,
+)
+
+log = logging.getLogger("numaemu.coordinator")
+
+WAIT_TIMEOUT = 60.0
+
+
+class _Retry(Exception):
+    """Some page was locked (being filled or migrated): wait on it, then redo the fault."""
+
+    def __init__(self, node: int, pfn: int) -> None:
+        self.node, self.pfn = node, pfn
+
+
+async def handle_fault(kernel, task: Task, vpns: np.ndarray, write: bool):
+    """Fault in ``vpns``; return (vpns, nodes, pfns, prot bits, page-lock waits)."""
+    vpns = np.unique(vpns.astype(np.int64))
+    waits = 0
+    async with task.mmap_lock.read():
+        while True:
+            try:
+                return (vpns, *await _fault_once(kernel, task, vpns, write), waits)
+            except _Retry as wait:
+                waits += 1
+                await kernel.locks.wait_on_page_locked(wait.node, wait.pfn, WAIT_TIMEOUT)
+
+
+async def _fault_once(kernel, task: Task, vpns: np.ndarray, write: bool):
+    where = task.locate(vpns)
+    if (where < 0).any():
+        bad = int(vpns[np.flatnonzero(where < 0)[0]]) * kernel.page_size
+        raise NumaError(errno.EFAULT, f"address {bad:#x} is not mapped (SIGSEGV)")
+    nodes = np.zeros(len(vpns), dtype=P.NODE)
+    pfns = np.zeros(len(vpns), dtype=P.PFN)
+    prot = np.zeros(len(vpns), dtype=P.PROT)
+    vmas = list(task.vmas)
+    for vi in np.unique(where).tolist():
+        sel = np.flatnonzero(where == vi)
+        vma = vmas[vi]
+        offs = vpns[sel] - vma.start
+        if vma.obj is None:
+            ptes = await fault_anon(kernel, task, vma, offs, write)
+        else:
+            ptes = await fault_shared(kernel, task, vma, offs, write)
+        nodes[sel] = pte_node(ptes)
+        pfns[sel] = pte_pfn(ptes)
+        zero = (ptes & PTE_ZERO) != 0
+        prot[sel] = np.where(zero, P.PROT_ZERO | P.PROT_READ,
+                             np.where((ptes & PTE_WRITE) != 0, P.PROT_READ | P.PROT_WRITE,
+                                      P.PROT_READ))
+    return nodes, pfns, prot
+
+
+def _wait_for_migration(ptes: np.ndarray) -> None:
+    migrating = np.flatnonzero((ptes & PTE_MIGRATION) != 0)
+    if len(migrating):
+        entry = ptes[migrating[:1]]
+        raise _Retry(int(pte_node(entry)[0]), int(pte_pfn(entry)[0]))
+
+
+async def fault_anon(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bool) -> np.ndarray:
+    """Private anonymous pages: zero page on read, a new frame on first write."""
+    ptes = vma.pte[offs]
+    _wait_for_migration(ptes)
+    if write:
+        need = (ptes & PTE_PRESENT) == 0  # none or zero page
+    else:
+        none = ptes == 0
+        vma.pte[offs[none]] = PTE_ZERO  # map the shared zero page
+        need = np.zeros(len(offs), dtype=bool)
+    if need.any():
+        new_offs = offs[need]
+        before = vma.pte[new_offs].copy()
+        vpns = new_offs + vma.start
+        policy = vma.policy if vma.policy is not None else task.policy
+        # Private anonymous memory interleaves by virtual page number (linux-semantics §8).
+        nodes, pfns = await kernel.alloc_pages(
+            policy, kernel.cpu_node(task), vpns, flags=PageFlag.UPTODATE | PageFlag.LRU
+            | PageFlag.ANON | PageFlag.DIRTY, mapping=0, index=vpns, owner=task.pid)
+        # The mmap lock is held for read, so only this task could have changed these
+        # entries meanwhile; give back frames for any that are no longer empty.
+        lost = vma.pte[new_offs] != before
+        for n in np.unique(nodes).tolist():
+            table = kernel.tables[n]
+            mine = (nodes == n) & ~lost
+            table.refcount[pfns[mine]] = 1
+            table.mapcount[pfns[mine]] = 1
+            extra = pfns[(nodes == n) & lost]
+            if len(extra):
+                await kernel.free_frames(n, extra)
+        keep = ~lost
+        vma.pte[new_offs[keep]] = make_ptes(nodes[keep], pfns[keep], True)
+    return vma.pte[offs]
+
+
+async def fault_shared(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bool) -> np.ndarray:
+    """Pages of a shared object: find or create them in the page cache, then map them."""
+    obj = vma.obj
+    idx = offs + vma.pgoff
+    if obj.kind == "file":
+        eof_pages = -(-obj.size // kernel.page_size)
+        if (idx >= eof_pages).any():
+            bad = int(offs[np.flatnonzero(idx >= eof_pages)[0]] + vma.start) * kernel.page_size
+            raise NumaError(errno.EFAULT, f"address {bad:#x} is beyond the end of "
+                                          f"{obj.name} (SIGBUS)")
+    ptes = vma.pte[offs]
+    _wait_for_migration(ptes)
+    missing = ptes == 0
+    if missing.any():
+        entries = await find_or_create_pages(kernel, task, vma, idx[missing])
+        new_nodes, new_pfns = pte_node(entries), pte_pfn(entries)
+        for n in np.unique(new_nodes).tolist():
+            sel = new_pfns[new_nodes == n]
+            np.add.at(kernel.tables[n].mapcount, sel, 1)
+            np.add.at(kernel.tables[n].refcount, sel, 1)
+        # shm pages have no writeback, so map them writable; file pages start read-only so
+        # that the first store faults and dirties the page.
+        writable = write or obj.kind == "shm"
+        vma.pte[offs[missing]] = make_ptes(new_nodes, new_pfns, writable)
+    if write:
+        ptes = vma.pte[offs]
+        upgrade = (ptes & PTE_WRITE) == 0
+        vma.pte[offs[upgrade]] |= PTE_WRITE
+    ptes = vma.pte[offs]
+    if write or obj.kind == "shm":
+        nodes, pfns = pte_node(ptes), pte_pfn(ptes)
+        for n in np.unique(nodes).tolist():
+            kernel.tables[n].flags[pfns[nodes == n]] |= PageFlag.DIRTY
+    return ptes
+
+
+async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) -> np.ndarray:
+    """Page-cache lookup for ``idx``; missing pages are allocated, filled and inserted."""
+    obj = vma.obj
+    entries = obj.cache[idx]
+    absent = entries == 0
+    if absent.any():
+        new_idx = idx[absent]
+        if obj.kind == "shm":
+            # shmem: the shared policy, else the task policy; interleave index biased by the
+            # object id (the kernel uses the inode number).
+            policy = obj.policy if obj.policy is not None else task.policy
+            ilx = new_idx + obj.oid
+        else:
+            # Page cache of a file follows the allocating task's policy, counter-based.
+            policy = task.policy
+            ilx = task.il_count + np.arange(len(new_idx), dtype=np.int64)
+            task.il_count += len(new_idx)
+        nodes, pfns = await kernel.alloc_pages(
+            policy, kernel.cpu_node(task), ilx, flags=PageFlag.LRU | PageFlag.LOCKED,
+            mapping=obj.oid, index=new_idx, owner=0, zero=obj.kind == "shm")
+        # Someone may have inserted some of these pages while we allocated.
+        raced = obj.cache[new_idx] != 0
+        ours = ~raced
+        for n in np.unique(nodes).tolist():
+            extra = pfns[(nodes == n) & raced]
+            if len(extra):
+                await kernel.free_frames(n, extra)
+            mine = pfns[(nodes == n) & ours]
+            kernel.tables[n].refcount[mine] = 1  # the page cache's reference
+        ins_idx, ins_nodes, ins_pfns = new_idx[ours], nodes[ours], pfns[ours]
+        obj.cache[ins_idx] = cache_entry(ins_nodes, ins_pfns)
+        try:
+            if obj.kind == "file" and len(ins_idx):
+                await fill_from_file(kernel, obj, ins_idx, ins_nodes, ins_pfns)
+        except Exception:
+            obj.cache[ins_idx] = 0
+            for n in np.unique(ins_nodes).tolist():
+                sel = ins_pfns[ins_nodes == n]
+                kernel.locks.unlock(n, sel)
+                await kernel.free_frames(n, sel)
+            raise
+        for n in np.unique(ins_nodes).tolist():
+            sel = ins_pfns[ins_nodes == n]
+            kernel.tables[n].flags[sel] |= PageFlag.UPTODATE
+            kernel.locks.unlock(n, sel)
+        entries = obj.cache[idx]
+    nodes, pfns = pte_node(entries), pte_pfn(entries)
+    for n in np.unique(nodes).tolist():
+        sel = np.flatnonzero(nodes == n)
+        locked = (kernel.tables[n].flags[pfns[sel]] & PageFlag.LOCKED) != 0
+        if locked.any():
+            raise _Retry(n, int(pfns[sel[np.flatnonzero(locked)[0]]]))
+    return entries
+
+
+async def zap_vma(kernel, vma: Vma) -> None:
+    """Unmap every page of a VMA being removed: drop mapcount and the mapping's reference."""
+    present = np.flatnonzero((vma.pte & PTE_PRESENT) != 0)
+    ptes = vma.pte[present]
+    vma.pte[:] = 0
+    if len(ptes) == 0:
+        return
+    nodes, pfns = pte_node(ptes), pte_pfn(ptes)
+    for n in np.unique(nodes).tolist():
+        np.subtract.at(kernel.tables[n].mapcount, pfns[nodes == n], 1)
+    await kernel.put_pages(nodes, pfns)

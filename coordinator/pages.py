@@ -1,0 +1,131 @@
+"""``struct page`` state for every frame, page-table entry encoding, and page locks.
+
+Per node, page state lives in numpy arrays indexed by pfn (flags, refcount,
+mapcount, mapping, index): tens of bytes per frame, no Python object per page.
+
+A page-table entry is one int64:
+
+    0                                   none
+    PTE_PRESENT [| PTE_WRITE] | node<<40 | pfn   a present page
+    PTE_ZERO                            the shared zero page (read-only, no frame)
+    PTE_MIGRATION | node<<40 | pfn      a migration entry pointing at the locked old page
+
+The page lock (PG_locked) is a flag bit plus a wait queue of futures, because
+the coordinator is one asyncio loop: whoever finds a page locked awaits
+``wait_on_page_locked`` and redoes its lookup when woken (seed step 19).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from enum import IntFlag
+
+import numpy as np
+
+PTE_PRESENT = 1 << 62
+PTE_WRITE = 1 << 61
+PTE_ZERO = 1 << 60
+PTE_MIGRATION = 1 << 59
+NODE_SHIFT = 40
+PFN_MASK = (1 << NODE_SHIFT) - 1
+NODE_MASK = 0xFFFF
+
+
+class PageFlag(IntFlag):
+    """Page flags (a subset of the kernel's PG_*)."""
+
+    LOCKED = 1 << 0
+    UPTODATE = 1 << 1
+    DIRTY = 1 << 2
+    WRITEBACK = 1 << 3
+    LRU = 1 << 4
+    ANON = 1 << 5
+    ISOLATED = 1 << 6
+
+
+def make_ptes(node: int | np.ndarray, pfns: np.ndarray, writable: bool | np.ndarray) -> np.ndarray:
+    """Present PTEs for frames ``pfns`` of ``node``."""
+    ptes = PTE_PRESENT | (np.asarray(node, dtype=np.int64) << NODE_SHIFT) | pfns.astype(np.int64)
+    return np.where(writable, ptes | PTE_WRITE, ptes).astype(np.int64)
+
+
+def pte_node(ptes: np.ndarray) -> np.ndarray:
+    return ((ptes >> NODE_SHIFT) & NODE_MASK).astype(np.int16)
+
+
+def pte_pfn(ptes: np.ndarray) -> np.ndarray:
+    return (ptes & PFN_MASK).astype(np.int64)
+
+
+def is_present(ptes: np.ndarray) -> np.ndarray:
+    return (ptes & PTE_PRESENT) != 0
+
+
+class FrameTable:
+    """``struct page`` arrays of one node."""
+
+    def __init__(self, frames: int) -> None:
+        self.flags = np.zeros(frames, dtype=np.uint32)
+        self.refcount = np.zeros(frames, dtype=np.int32)
+        self.mapcount = np.zeros(frames, dtype=np.int32)
+        self.mapping = np.zeros(frames, dtype=np.int32)  # shared object id; 0 = anonymous
+        self.index = np.zeros(frames, dtype=np.int64)  # page index in the object, or vpn
+        self.owner = np.zeros(frames, dtype=np.int64)  # anon pages: the owning task's pid
+
+    def prep_new(self, pfns: np.ndarray, flags: int, mapping: int, index: np.ndarray,
+                 owner: int) -> None:
+        """State of freshly allocated frames (refcount/mapcount set by the caller)."""
+        self.flags[pfns] = flags
+        self.mapping[pfns] = mapping
+        self.index[pfns] = index
+        self.owner[pfns] = owner
+
+    def clear(self, pfns: np.ndarray) -> None:
+        """Frames going back to the node's free list hold no state."""
+        self.flags[pfns] = 0
+        self.refcount[pfns] = 0
+        self.mapcount[pfns] = 0
+        self.mapping[pfns] = 0
+        self.index[pfns] = 0
+        self.owner[pfns] = 0
+
+
+class PageLocks:
+    """PG_locked wait queues: futures keyed by (node, pfn)."""
+
+    def __init__(self, tables: list[FrameTable]) -> None:
+        self.tables = tables
+        self.waiters: dict[tuple[int, int], list[asyncio.Future]] = defaultdict(list)
+
+    def trylock(self, node: int, pfns: np.ndarray) -> np.ndarray:
+        """Lock the pages that are unlocked; return the mask of those taken."""
+        flags = self.tables[node].flags
+        free = (flags[pfns] & PageFlag.LOCKED) == 0
+        flags[pfns[free]] |= PageFlag.LOCKED
+        return free
+
+    def unlock(self, node: int, pfns: np.ndarray) -> None:
+        """Unlock and wake everyone waiting on these pages (seed step 19)."""
+        self.tables[node].flags[pfns] &= ~np.uint32(PageFlag.LOCKED)
+        if not self.waiters:
+            return
+        for pfn in pfns.tolist():
+            for fut in self.waiters.pop((node, pfn), ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def wait_on_page_locked(self, node: int, pfn: int, timeout: float | None = None) -> None:
+        """Sleep until the page is unlocked; takes no page reference (migration_entry_wait)."""
+        if not self.tables[node].flags[pfn] & PageFlag.LOCKED:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[(node, pfn)].append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            queue = self.waiters.get((node, pfn))
+            if queue is not None and fut in queue:
+                queue.remove(fut)
+                if not queue:
+                    del self.waiters[(node, pfn)]

@@ -1,0 +1,60 @@
+"""What /proc and /sys would show: numa_maps per task, numastat per node."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from numaemu import protocol as P
+from numaemu.views import numa_maps_line
+
+from .mempolicy import policy_text
+from .pages import PTE_PRESENT, PTE_WRITE, PageFlag, pte_node, pte_pfn
+
+LRU_ACTIVE = 2
+
+
+async def numa_maps(kernel, task) -> str:
+    """/proc/<pid>/numa_maps: one line per VMA, in address order."""
+    lines = []
+    for vma in task.vmas:
+        policy = vma.policy
+        if vma.obj is not None and vma.obj.kind == "shm" and vma.obj.policy is not None:
+            policy = vma.obj.policy
+        if policy is None:
+            policy = task.policy  # numa_maps shows the effective policy
+        ptes = vma.pte
+        present = (ptes & PTE_PRESENT) != 0
+        ptes = ptes[present]
+        nodes, pfns = pte_node(ptes), pte_pfn(ptes)
+        anon = dirty = mapmax = writeback = active = 0
+        per_node: dict[int, int] = {}
+        for n in np.unique(nodes).tolist():
+            sel = nodes == n
+            table = kernel.tables[n]
+            flags = table.flags[pfns[sel]]
+            per_node[n] = int(sel.sum())
+            anon += int(np.count_nonzero(flags & PageFlag.ANON))
+            dirty += int(np.count_nonzero(((flags & PageFlag.DIRTY) != 0)
+                                          | ((ptes[sel] & PTE_WRITE) != 0)))
+            writeback += int(np.count_nonzero(flags & PageFlag.WRITEBACK))
+            mapmax = max(mapmax, int(table.mapcount[pfns[sel]].max()))
+            reply = await kernel.node(n).peer.call(P.LruState(pfns=pfns[sel].astype(P.PFN)))
+            active += int(np.count_nonzero(np.frombuffer(reply["state"], dtype=P.PROT)
+                                           == LRU_ACTIVE))
+        lines.append(numa_maps_line(
+            vma.start * kernel.page_size, policy_text(policy),
+            file=vma.obj.path_text if vma.obj is not None else None,
+            anon=anon, dirty=dirty, pages=len(ptes), mapmax=mapmax, active=active,
+            writeback=writeback, per_node=per_node, page_size=kernel.page_size))
+    return "".join(line + "\n" for line in lines)
+
+
+async def node_stats(kernel) -> dict[int, dict]:
+    """Every node's counters and free frames, asked of the node processes."""
+    nodes = sorted(kernel.nodes)
+    replies = await asyncio.gather(*(kernel.node(n).peer.call(P.NodeStats()) for n in nodes))
+    return {n: {"numastat": r["numastat"], "free": r["free"], "frames": r["frames"],
+                "active": r["active"], "inactive": r["inactive"]}
+            for n, r in zip(nodes, replies)}

@@ -1,0 +1,256 @@
+"""The coordinator process: one asyncio loop serving three ROUTER sockets.
+
+    rpc    clients and the CLI: the syscall interface (request-reply, DEALER clients)
+    tlb    client shootdown threads: hello, heartbeats, invalidate acks
+    nodes  node processes: registration, then requests from us (alloc, free, ...)
+
+Every request runs as its own asyncio task, so a fault waiting on a node or a
+page lock, or a writeback waiting on TLB acks, never stalls other callers
+(ARCHITECTURE.md: "one slow client must not stall the cluster").  State
+changes between two awaits are atomic, like code holding a spinlock.
+
+Liveness: nodes are pinged every ``NODE_PING`` seconds (a node exits when the
+pings stop); clients send heartbeats on their tlb socket and local clients are
+also checked by pid; a dead client's address space is reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import time
+
+import zmq
+import zmq.asyncio
+
+from numaemu import protocol as P
+from numaemu.errors import ClusterError, NumaError
+from numaemu.protocol import ProtocolError
+from numaemu.topology import Topology
+
+from .kernel import Kernel, NodeInfo
+from .links import Peer
+from .shootdown import client_alive
+from .syscalls import Syscalls, exit_task
+
+log = logging.getLogger("numaemu.coordinator")
+
+NODE_PING = 0.5
+REAP_INTERVAL = 1.0
+
+
+class Coordinator:
+    """Owns the sockets and the loop; the state is in ``Kernel``, the handlers in ``Syscalls``."""
+
+    def __init__(self, topology: Topology, cluster_id: str, endpoints: dict,
+                 supervisor_pid: int = 0) -> None:
+        self.kernel = Kernel(topology, cluster_id)
+        self.kernel.schedule_reap = self.schedule_reap
+        self.endpoints = endpoints
+        self.supervisor_pid = supervisor_pid
+        self.syscalls = Syscalls(self.kernel, self)
+        self._stop: asyncio.Event | None = None
+        self._stop_reason = ""
+        self._tasks: set[asyncio.Task] = set()
+        self._tlb_owner: dict[bytes, int] = {}
+        self._node_by_ident: dict[bytes, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+        if self._stop is not None:
+            self._stop.set()
+
+    def spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def schedule_reap(self, task) -> None:
+        self.spawn(exit_task(self.kernel, task))
+
+    async def run(self) -> None:
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        ctx = zmq.asyncio.Context()
+        socks = {}
+        try:
+            for name in ("rpc", "tlb", "nodes"):
+                sock = ctx.socket(zmq.ROUTER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                sock.bind(self.endpoints[name])
+                socks[name] = sock
+            log.info("coordinator listening on %s", self.endpoints["rpc"])
+            loops = [self.serve_rpc(socks["rpc"]), self.serve_tlb(socks["tlb"]),
+                     self.serve_nodes(socks["nodes"]), self.ping_nodes(), self.reap_dead()]
+            workers = [asyncio.ensure_future(c) for c in loops]
+            await self._stop.wait()
+            log.info("coordinator stopping (%s)", self._stop_reason or "stop")
+            await self.shutdown()
+            for w in workers + list(self._tasks):
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            for sock in socks.values():
+                sock.close(0)
+            ctx.term()
+
+    async def shutdown(self) -> None:
+        """Write dirty file pages back (like sync at shutdown), then stop the nodes."""
+        from .filemap import writeback
+
+        for obj in list(self.kernel.files.values()):
+            try:
+                await asyncio.wait_for(writeback(self.kernel, obj), 10)
+            except Exception as exc:  # best effort: never block the stop
+                log.warning("writeback of %s at stop failed: %s", obj.name, exc)
+        for info in list(self.kernel.nodes.values()):
+            try:
+                await info.peer.send(P.Exit())
+            except ClusterError:
+                pass
+
+    # -- rpc ---------------------------------------------------------------------
+    async def serve_rpc(self, sock) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 2:
+                log.warning("dropping a message with %d frames", len(frames))
+                continue
+            self.spawn(self.answer(sock, frames[0], frames[1]))
+
+    async def answer(self, sock, ident: bytes, raw: bytes) -> None:
+        obj: dict = {}
+        seq = None
+        try:
+            obj = P.unpack(raw)
+            seq = obj.get("seq")
+            req = P.decode_request(obj)
+            handler = self.syscalls.handlers.get(req.op)
+            if handler is None:
+                raise ProtocolError(f"op {req.op!r} is not a syscall")
+            pid = getattr(req, "pid", None)
+            task = self.kernel.tasks.get(pid) if isinstance(pid, int) else None
+            if task is not None:
+                task.last_seen = time.monotonic()
+            reply = P.ok_reply(seq, **await handler(req))
+        except NumaError as exc:
+            reply = P.error_reply(seq, exc.errno, exc.strerror)
+        except ProtocolError as exc:
+            log.warning("malformed request: %s", exc)
+            reply = P.protocol_error_reply(obj, exc)
+        except ClusterError as exc:
+            log.error("request %s failed: %s", obj.get("op"), exc)
+            reply = P.error_reply(seq, errno.EIO, str(exc))
+        except (asyncio.TimeoutError, TimeoutError):
+            reply = P.error_reply(seq, errno.ETIMEDOUT, f"{obj.get('op')} timed out")
+        except Exception as exc:  # a handler bug must not kill the coordinator
+            log.exception("request %s failed", obj.get("op"))
+            reply = P.error_reply(seq, errno.EIO, f"coordinator error: {exc!r}")
+        try:
+            await sock.send_multipart([ident, reply])
+        except zmq.ZMQError as exc:
+            log.info("could not answer %s: %s", obj.get("op"), exc)
+
+    # -- tlb -----------------------------------------------------------------------
+    async def serve_tlb(self, sock) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            ident, raw = frames
+            try:
+                obj = P.unpack(raw)
+                if "re" in obj:
+                    pid = self._tlb_owner.get(ident)
+                    task = self.kernel.tasks.get(pid)
+                    if task is not None and task.tlb is not None:
+                        task.last_seen = time.monotonic()
+                        task.tlb.on_reply(obj)
+                    continue
+                req = P.decode_request(obj)
+                task = self.kernel.tasks.get(getattr(req, "pid", None))
+                if task is None:
+                    await sock.send_multipart([ident, P.error_reply(
+                        obj.get("seq"), errno.ESRCH, "no such task")])
+                    continue
+                task.last_seen = time.monotonic()
+                if req.op == "tlb_hello":
+                    task.tlb = Peer(sock, ident, f"task {task.pid}")
+                    self._tlb_owner[ident] = task.pid
+                    await sock.send_multipart([ident, P.ok_reply(obj.get("seq"))])
+            except ProtocolError as exc:
+                log.warning("malformed tlb message: %s", exc)
+            except zmq.ZMQError as exc:
+                log.info("tlb reply failed: %s", exc)
+
+    # -- nodes ---------------------------------------------------------------------
+    async def serve_nodes(self, sock) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            ident, raw = frames
+            try:
+                obj = P.unpack(raw)
+                if "re" in obj:
+                    node = self._node_by_ident.get(ident)
+                    if node is not None and node in self.kernel.nodes:
+                        self.kernel.nodes[node].peer.on_reply(obj)
+                    continue
+                req = P.decode_request(obj)
+                if req.op != "register":
+                    raise ProtocolError(f"nodes may only register, not {req.op!r}")
+                reply = self.register(sock, ident, req, obj.get("seq"))
+                await sock.send_multipart([ident, reply])
+            except ProtocolError as exc:
+                log.warning("malformed node message: %s", exc)
+                await sock.send_multipart([ident, P.protocol_error_reply(obj, exc)])
+
+    def register(self, sock, ident: bytes, req: P.Register, seq) -> bytes:
+        topo = self.kernel.topology
+        if req.node not in topo.nodes:
+            return P.error_reply(seq, errno.ENODEV, f"node {req.node} is not in the topology")
+        if req.node in self.kernel.nodes and not self.kernel.nodes[req.node].peer.gone:
+            return P.error_reply(seq, errno.EEXIST, f"node {req.node} is already registered")
+        if req.frames != topo.frames_per_node[req.node] or req.page_size != topo.page_size:
+            return P.error_reply(seq, errno.EINVAL,
+                                 f"node {req.node} must have {topo.frames_per_node[req.node]} "
+                                 f"frames of {topo.page_size} bytes")
+        peer = Peer(sock, ident, f"node {req.node}")
+        self.kernel.nodes[req.node] = NodeInfo(req.node, peer, req.path, req.frames, req.host,
+                                               req.os_pid, req.data_endpoint)
+        self._node_by_ident[ident] = req.node
+        log.info("node %d registered (pid %d on %s)", req.node, req.os_pid, req.host)
+        return P.ok_reply(seq)
+
+    async def ping_nodes(self) -> None:
+        while True:
+            for info in list(self.kernel.nodes.values()):
+                if not info.peer.gone:
+                    try:
+                        await info.peer.send(P.Ping())
+                    except ClusterError:
+                        log.error("node %d is unreachable", info.node)
+            await asyncio.sleep(NODE_PING)
+
+    async def reap_dead(self) -> None:
+        """Reap tasks whose process died or whose lease expired (leases, ARCHITECTURE.md)."""
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            for task in list(self.kernel.tasks.values()):
+                if not task.exiting and not client_alive(self.kernel, task):
+                    log.warning("task %d (os pid %d) is gone; reaping its address space",
+                                task.pid, task.os_pid)
+                    self.schedule_reap(task)
+
+
+def run_coordinator(topology: Topology, cluster_id: str, endpoints: dict,
+                    supervisor_pid: int = 0) -> None:
+    """Entry point of the coordinator process."""
+    asyncio.run(Coordinator(topology, cluster_id, endpoints, supervisor_pid).run())

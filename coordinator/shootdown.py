@@ -1,0 +1,77 @@
+"""TLB shootdown: the emulated flush IPI.
+
+Clients copy straight from frames using translations they cache, so before the
+coordinator changes a translation that a client may hold (write-protect for
+writeback now; migration entries in seed step 5 next) it sends that client's
+shootdown thread an ``invalidate`` and waits for the ack.  The client acks only
+after taking its access lock, i.e. when no access to those frames is in flight.
+
+Invalidations are batched: one message per client per flush, with all its pages.
+A slow ack is not a dead client (a GIL-holding C call can delay it by 100s of
+ms): we wait in ``ACK_SLICE`` steps and give up only when the client's process
+is gone or its lease expired, then reap it like an exited task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from numaemu import protocol as P
+
+from .links import PeerGone
+
+log = logging.getLogger("numaemu.coordinator")
+
+ACK_SLICE = 1.0
+#: A client that misses heartbeats for this long is considered dead.
+LEASE = 10.0
+
+
+async def flush_tlb(kernel, targets: dict, *, write_only: bool = False) -> None:
+    """Invalidate ``targets`` ({task: [vpn arrays]}) in every client, in parallel."""
+    waits = []
+    for task, chunks in targets.items():
+        if task.tlb is None or task.exiting:
+            continue  # it never registered a TLB, so it caches nothing
+        vpns = np.unique(np.concatenate(chunks)).astype(P.VPN)
+        waits.append(_invalidate(kernel, task, vpns, write_only))
+    if waits:
+        await asyncio.gather(*waits)
+
+
+async def _invalidate(kernel, task, vpns: np.ndarray, write_only: bool) -> None:
+    req = P.Invalidate(vpns=vpns, write_only=write_only)
+    peer = task.tlb
+    try:
+        seq = next(peer._seq)
+        fut = asyncio.get_running_loop().create_future()
+        peer.pending[seq] = fut
+        try:
+            await peer.send(req, seq)
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), ACK_SLICE)
+                    return
+                except asyncio.TimeoutError:
+                    if not client_alive(kernel, task):
+                        raise PeerGone(f"task {task.pid} died during a TLB shootdown") from None
+                    log.debug("task %d slow to ack a shootdown of %d pages", task.pid, len(vpns))
+        finally:
+            peer.pending.pop(seq, None)
+    except PeerGone as exc:
+        log.warning("%s; reaping it", exc)
+        task.tlb = None  # a dead client caches nothing any more
+        kernel.schedule_reap(task)
+
+
+def client_alive(kernel, task) -> bool:
+    """A client is alive if its process exists (local) and its lease has not expired."""
+    if task.exiting:
+        return False
+    if not kernel.node_alive(task.os_pid, task.host):
+        return False
+    return time.monotonic() - task.last_seen < LEASE

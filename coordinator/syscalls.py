@@ -1,0 +1,339 @@
+"""The syscall dispatcher: one handler per request op.
+
+Each handler validates in the kernel's order and raises ``NumaError`` before it
+changes anything, so a failed call leaves no trace.  Handlers take the decoded
+request dataclass (see ``numaemu.protocol``) and return the reply fields.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+import numpy as np
+
+from numaemu import protocol as P
+from numaemu.constants import GetFlag, Mode, MoveFlag
+from numaemu.errors import NumaError
+
+from . import filemap, procfs
+from .memory import handle_fault, zap_vma
+from .mempolicy import (
+    check_mbind_flags,
+    get_policy_readback,
+    new_policy,
+    next_interleave_node,
+    read_nodes,
+    sanitize_mode_flags,
+    validate_get_flags,
+)
+from .mm import MMAP_BASE, Task, Vma, check_range
+from .pages import PTE_MIGRATION, PTE_ZERO, pte_node
+
+log = logging.getLogger("numaemu.coordinator")
+
+
+class Syscalls:
+    """Request handlers bound to the coordinator's ``Kernel``."""
+
+    def __init__(self, kernel, server) -> None:
+        self.k = kernel
+        self.server = server
+        self.handlers = {
+            "ping": self.ping,
+            "info": self.info,
+            "attach": self.attach,
+            "detach": self.detach,
+            "mmap": self.mmap,
+            "munmap": self.munmap,
+            "fault": self.fault,
+            "set_mempolicy": self.set_mempolicy,
+            "get_mempolicy": self.get_mempolicy,
+            "mbind": self.mbind,
+            "move_pages": self.move_pages,
+            "msync": self.msync,
+            "shm_unlink": self.shm_unlink,
+            "sched_setaffinity": self.sched_setaffinity,
+            "numa_maps": self.numa_maps,
+            "numastat": self.numastat,
+            "tasks": self.tasks,
+            "shutdown": self.shutdown,
+        }
+
+    # -- cluster -------------------------------------------------------------
+    async def ping(self, req: P.Ping) -> dict:
+        return {}
+
+    async def info(self, req: P.Info) -> dict:
+        k = self.k
+        return {
+            "cluster_id": k.cluster_id,
+            "topology": k.topology.to_dict(),
+            "page_size": k.page_size,
+            "endpoints": self.server.endpoints,
+            "log_endpoint": self.server.endpoints.get("log", ""),
+            "segments": [{"node": n.node, "path": n.path, "frames": n.frames, "host": n.host,
+                          "data_endpoint": n.data_endpoint} for n in k.nodes.values()],
+            "supervisor_pid": self.server.supervisor_pid,
+        }
+
+    async def attach(self, req: P.Attach) -> dict:
+        k = self.k
+        topo = k.topology
+        cpu = req.cpu if req.cpu is not None else topo.cpus[0]
+        if cpu not in topo.cpus:
+            raise NumaError(errno.EINVAL, f"no CPU {cpu} (CPUs are {list(topo.cpus)})")
+        pid = k.new_pid(req.os_pid, req.host)
+        task = Task(pid=pid, os_pid=req.os_pid, host=req.host, uid=req.uid,
+                    privileged=req.privileged, command=req.command or f"task{pid}", cpu=cpu,
+                    cpus_allowed=tuple(topo.cpus), next_vpn=MMAP_BASE // k.page_size,
+                    last_seen=time.monotonic())
+        k.tasks[pid] = task
+        log.info("task %d attached (os pid %d on %s, cpu %d%s)", pid, req.os_pid, req.host, cpu,
+                 ", privileged" if req.privileged else "")
+        info = await self.info(P.Info())
+        return {"pid": pid, "cpu": cpu, "node": topo.node_of_cpu(cpu),
+                "mmap_base": MMAP_BASE, **info}
+
+    async def detach(self, req: P.Detach) -> dict:
+        task = self.k.task(req.pid)
+        await exit_task(self.k, task)
+        return {}
+
+    async def shutdown(self, req: P.Shutdown) -> dict:
+        self.server.request_stop("shutdown request")
+        return {}
+
+    # -- address space -------------------------------------------------------
+    async def mmap(self, req: P.Mmap) -> dict:
+        k = self.k
+        task = k.task(req.pid)
+        if req.length <= 0:
+            raise NumaError(errno.EINVAL, "mmap length must be positive")
+        if req.shared is not None and req.file is not None:
+            raise NumaError(errno.EINVAL, "a mapping is either shared=NAME or file=PATH")
+        if req.shared is not None and (not req.shared or "/" in req.shared):
+            raise NumaError(errno.EINVAL, f"bad shared object name {req.shared!r}")
+        npages = -(-req.length // k.page_size)
+        async with task.mmap_lock.write():
+            obj = None
+            if req.shared is not None or req.file is not None:
+                obj = filemap.open_object(k, shared=req.shared, file=req.file, npages=npages)
+            start = task.get_unmapped_area(npages)
+            vma = Vma(start, start + npages, np.zeros(npages, dtype=np.int64), obj=obj)
+            if obj is not None:
+                obj.maps += 1
+            task.insert_vma(vma)
+        if req.populate:
+            await handle_fault(k, task, np.arange(start, start + npages), obj is None)
+        return {"addr": start * k.page_size, "length": npages * k.page_size}
+
+    async def munmap(self, req: P.Munmap) -> dict:
+        k = self.k
+        task = k.task(req.pid)
+        start, end = check_range(k.page_size, req.addr, req.length)
+        if req.length == 0:
+            raise NumaError(errno.EINVAL, "munmap length must be positive")
+        async with task.mmap_lock.write():
+            await unmap_range(k, task, start, end)
+        return {}
+
+    async def fault(self, req: P.Fault) -> dict:
+        task = self.k.task(req.pid)
+        vpns, nodes, pfns, prot, waits = await handle_fault(self.k, task, req.vpns, req.write)
+        return {"vpns": vpns.astype(P.VPN), "nodes": nodes, "pfns": pfns, "prot": prot,
+                "waits": waits}
+
+    # -- memory policy ---------------------------------------------------------
+    async def set_mempolicy(self, req: P.SetMempolicy) -> dict:
+        task = self.k.task(req.pid)
+        policy = new_policy(req.mode | req.flags, req.nodes, node_set=self.k.node_set)
+        task.policy = policy
+        task.il_count = 0  # the interleave counter restarts at the lowest node
+        return {}
+
+    async def get_mempolicy(self, req: P.GetMempolicy) -> dict:
+        k = self.k
+        task = k.task(req.pid)
+        flags = req.flags
+        addr = req.addr or 0
+        interleave = task.policy is not None and task.policy.mode in (
+            Mode.INTERLEAVE, Mode.WEIGHTED_INTERLEAVE)
+        validate_get_flags(flags, addr != 0, interleave)
+        if flags & GetFlag.MEMS_ALLOWED:
+            return {"mode": 0, "nodes": sorted(k.node_set)}
+        if flags & GetFlag.ADDR:
+            vpn = addr // k.page_size
+            vma = task.find_vma(vpn)
+            if vma is None:
+                raise NumaError(errno.EFAULT, f"address {addr:#x} is not mapped")
+            if flags & GetFlag.NODE:
+                # The node of the page at addr; the kernel faults it in as a read first.
+                _, nodes, _, prot, _ = await handle_fault(k, task, np.array([vpn]), False)
+                node = 0 if prot[0] & P.PROT_ZERO else int(nodes[0])
+                return {"mode": node, "nodes": []}
+            policy = vma.policy
+            if vma.obj is not None and vma.obj.kind == "shm":
+                policy = vma.obj.policy
+            mode, nodes = get_policy_readback(policy)
+            return {"mode": mode, "nodes": list(nodes)}
+        if flags & GetFlag.NODE:
+            node = next_interleave_node(task.policy, task.il_count, k.weights)
+            return {"mode": node, "nodes": []}
+        mode, nodes = get_policy_readback(task.policy)
+        return {"mode": mode, "nodes": list(nodes)}
+
+    async def mbind(self, req: P.Mbind) -> dict:
+        k = self.k
+        task = k.task(req.pid)
+        # Kernel order: mode flags, nodemask copy, mbind flags, privilege, range, len == 0,
+        # then the mode-versus-nodes rules and the node-set intersection (new_policy).
+        sanitize_mode_flags(req.mode, for_mbind=True)
+        read_nodes(req.nodes, for_mbind=True)
+        check_mbind_flags(req.flags)
+        if req.flags & MoveFlag.MOVE_ALL and not task.privileged:
+            raise NumaError(errno.EPERM, "MPOL_MF_MOVE_ALL needs CAP_SYS_NICE (privileged=True)")
+        start, end = check_range(k.page_size, req.addr, req.length)
+        if req.length == 0:
+            return {}
+        policy = new_policy(req.mode, req.nodes, node_set=k.node_set, for_mbind=True)
+        if req.flags & (MoveFlag.MOVE | MoveFlag.MOVE_ALL):
+            raise NumaError(errno.EOPNOTSUPP,
+                            "mbind with MPOL_MF_MOVE/MOVE_ALL needs the migration engine, "
+                            "which this version does not have yet")
+        strict = bool(req.flags & MoveFlag.STRICT) and policy is not None
+        async with task.mmap_lock.write():
+            vmas = task.vmas_in(start, end)
+            if not vmas or (policy is not None and not task.covered(start, end)):
+                raise NumaError(errno.EFAULT, "the range has unmapped holes")
+            if strict:
+                allowed = set(policy.nodes) if policy.mode != Mode.LOCAL else set()
+                for vma in vmas:
+                    lo, hi = max(start, vma.start) - vma.start, min(end, vma.end) - vma.start
+                    ptes = vma.pte[lo:hi]
+                    present = ptes[(ptes & (1 << 62)) != 0]
+                    if any(int(n) not in allowed for n in np.unique(pte_node(present))):
+                        raise NumaError(errno.EIO, "MPOL_MF_STRICT: pages already sit on "
+                                                   "nodes outside the new policy")
+            for vma in task.split_at(start, end):
+                vma.policy = policy
+                if vma.obj is not None and vma.obj.kind == "shm":
+                    vma.obj.policy = policy  # shared policy: every mapper sees it
+        return {}
+
+    async def move_pages(self, req: P.MovePages) -> dict:
+        k = self.k
+        caller = k.task(req.pid)
+        if req.flags & ~int(MoveFlag.MOVE | MoveFlag.MOVE_ALL) or req.flags < 0:
+            raise NumaError(errno.EINVAL, "move_pages accepts only MPOL_MF_MOVE and MOVE_ALL")
+        if req.flags & MoveFlag.MOVE_ALL and not caller.privileged:
+            raise NumaError(errno.EPERM, "MPOL_MF_MOVE_ALL needs CAP_SYS_NICE (privileged=True)")
+        task = caller if req.target in (None, 0) else k.task(req.target)
+        check_access(caller, task)
+        if req.nodes is not None:
+            raise NumaError(errno.EOPNOTSUPP,
+                            "move_pages with target nodes needs the migration engine, "
+                            "which this version does not have yet")
+        return {"status": query_pages(k, task, req.pages)}
+
+    async def msync(self, req: P.Msync) -> dict:
+        k = self.k
+        task = k.task(req.pid)
+        start, end = check_range(k.page_size, req.addr, req.length)
+        if not task.covered(start, end):
+            raise NumaError(errno.ENOMEM, "msync range is not fully mapped")
+        written = 0
+        for vma in task.vmas_in(start, end):
+            if vma.obj is None or vma.obj.kind != "file":
+                continue
+            lo, hi = max(start, vma.start), min(end, vma.end)
+            idx = np.arange(lo - vma.start, hi - vma.start) + vma.pgoff
+            written += await filemap.writeback(k, vma.obj, idx)
+        return {"written": written}
+
+    async def shm_unlink(self, req: P.ShmUnlink) -> dict:
+        k = self.k
+        k.task(req.pid)
+        obj = k.shm_names.get(req.name)
+        if obj is None:
+            raise NumaError(errno.ENOENT, f"no shared object named {req.name!r}")
+        obj.unlinked = True
+        k.shm_names.pop(req.name, None)
+        await filemap.release_object(k, obj)
+        return {}
+
+    async def sched_setaffinity(self, req: P.SchedSetaffinity) -> dict:
+        k = self.k
+        task = k.task(req.pid)
+        cpus = sorted(set(req.cpus))
+        if not cpus or any(c not in k.topology.cpus for c in cpus):
+            raise NumaError(errno.EINVAL, f"CPU set {cpus} names no CPU of this machine "
+                                          f"(CPUs are {list(k.topology.cpus)})")
+        task.cpus_allowed = tuple(cpus)
+        if task.cpu not in cpus:
+            task.cpu = cpus[0]  # the scheduler moves the task onto an allowed CPU
+        return {"cpu": task.cpu, "node": k.topology.node_of_cpu(task.cpu)}
+
+    # -- views -----------------------------------------------------------------
+    async def numa_maps(self, req: P.NumaMaps) -> dict:
+        task = self.k.task(req.pid)
+        return {"text": await procfs.numa_maps(self.k, task), "command": task.command}
+
+    async def numastat(self, req: P.Numastat) -> dict:
+        stats = await procfs.node_stats(self.k)
+        return {"nodes": {str(n): s for n, s in stats.items()}}
+
+    async def tasks(self, req: P.Tasks) -> dict:
+        return {"tasks": [{"pid": t.pid, "os_pid": t.os_pid, "host": t.host, "cpu": t.cpu,
+                           "command": t.command, "privileged": t.privileged}
+                          for t in self.k.tasks.values() if not t.exiting]}
+
+
+def check_access(caller: Task, task: Task) -> None:
+    """Acting on another task needs the same owner or privilege (ptrace read check)."""
+    if task is not caller and task.uid != caller.uid and not caller.privileged:
+        raise NumaError(errno.EPERM, f"task {caller.pid} may not act on task {task.pid}")
+
+
+def query_pages(k, task: Task, pages: np.ndarray) -> np.ndarray:
+    """move_pages query mode: node, -ENOENT (never touched) or -EFAULT per page."""
+    vpns = (pages // k.page_size).astype(np.int64)
+    status = np.full(len(vpns), -errno.EFAULT, dtype=P.STATUS)
+    where = task.locate(vpns)
+    vmas = task.vmas
+    for vi in np.unique(where[where >= 0]).tolist():
+        sel = np.flatnonzero(where == vi)
+        vma = vmas[vi]
+        ptes = vma.pte[vpns[sel] - vma.start]
+        present = (ptes & ((1 << 62) | PTE_MIGRATION)) != 0
+        st = np.where(ptes == 0, -errno.ENOENT, -errno.EFAULT)
+        st = np.where(present, pte_node(ptes), st)
+        st = np.where(ptes == PTE_ZERO, -errno.EFAULT, st)
+        status[sel] = st
+    return status
+
+
+async def unmap_range(k, task: Task, start: int, end: int) -> None:
+    """Remove ``[start, end)`` from a task (caller holds the mmap lock for write)."""
+    for vma in task.split_at(start, end):
+        task.vmas.remove(vma)
+        await zap_vma(k, vma)
+        if vma.obj is not None:
+            vma.obj.maps -= 1
+            await filemap.release_object(k, vma.obj)
+
+
+async def exit_task(k, task: Task) -> None:
+    """exit_mmap: unmap everything and forget the task (also for dead clients)."""
+    if task.exiting:
+        return
+    task.exiting = True
+    task.tlb = None
+    try:
+        async with task.mmap_lock.write():
+            for vma in list(task.vmas):
+                await unmap_range(k, task, vma.start, vma.end)
+    finally:
+        k.tasks.pop(task.pid, None)
+        log.info("task %d exited", task.pid)

@@ -1,0 +1,33 @@
+"""Command-line entry of a node process started on its own (another host, or by hand)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from numaemu import log as numaemu_log
+from numaemu.transport import Connection
+
+from . import run_node
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Join the cluster at ``--coordinator`` as node ``--node``."""
+    parser = argparse.ArgumentParser(prog="numaemu node", description=__doc__)
+    parser.add_argument("--coordinator", required=True, help="the cluster's address")
+    parser.add_argument("--node", type=int, required=True)
+    parser.add_argument("--data-endpoint", default=None,
+                        help="where this node serves frame reads/writes (default: tcp, any port)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    with Connection(args.coordinator) as conn:
+        info = conn.call("info")
+    numaemu_log.setup_forwarding(info["log_endpoint"], role="node", node=args.node,
+                                 level=args.log_level)
+    topo = info["topology"]
+    frames = topo["frames_per_node"][args.node]
+    data = args.data_endpoint or info["endpoints"]["node_data"].format(node=args.node)
+    logging.getLogger("numaemu.node").info("node %d joining %s", args.node, args.coordinator)
+    run_node(args.node, info["endpoints"]["nodes"], info["cluster_id"], frames,
+             topo["page_size"], data)
+    return 0

@@ -1,0 +1,289 @@
+"""One emulated NUMA node: its frames, frame allocator, numastat counters and LRU.
+
+A node is a plain synchronous loop (no threads).  It is a DEALER connected to
+the coordinator's ``nodes`` ROUTER: it registers, then answers the
+coordinator's requests (alloc / free / read / write / stats ...) in order.  The
+coordinator pings it every ``HEARTBEAT_INTERVAL``; a node that hears nothing
+for ``HEARTBEAT_TIMEOUT`` assumes its coordinator is gone and exits, removing
+its segment (ZeroMQ guide: heartbeating).  It also binds a data endpoint
+(ROUTER) where clients that cannot map the segment, or other nodes, read and
+write frames.
+
+Frame allocation is next-fit over a free bitmap, so a fresh node hands out
+contiguous runs and copies of runs become slice copies.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import numpy as np
+import zmq
+
+from numaemu import protocol as P
+from numaemu.protocol import ProtocolError
+
+from .segment import Segment
+
+log = logging.getLogger("numaemu.node")
+
+HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_TIMEOUT = 5.0
+
+NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "local_node",
+                 "other_node")
+
+LRU_NONE, LRU_INACTIVE, LRU_ACTIVE = 0, 1, 2
+
+
+def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
+    """Split a frame list into (start, length) runs of consecutive frames."""
+    if len(pfns) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pfns)]))
+    return [(int(pfns[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+class FrameAllocator:
+    """Next-fit allocator over a free bitmap: fresh memory comes out in contiguous runs."""
+
+    def __init__(self, frames: int) -> None:
+        self.free_map = np.ones(frames, dtype=bool)
+        self.nr_free = frames
+        self.cursor = 0
+
+    def alloc(self, count: int) -> np.ndarray:
+        """Take ``count`` frames, or raise ``MemoryError`` and take none."""
+        if count > self.nr_free:
+            raise MemoryError(f"{count} frames wanted, {self.nr_free} free")
+        frames = len(self.free_map)
+        got: list[np.ndarray] = []
+        need = count
+        start = self.cursor
+        for lo, hi in ((start, frames), (0, start)):
+            pos = lo
+            while need and pos < hi:
+                window = min(hi, pos + max(4 * need, 4096))
+                found = np.flatnonzero(self.free_map[pos:window])[:need] + pos
+                if len(found):
+                    got.append(found)
+                    need -= len(found)
+                pos = window
+            if not need:
+                break
+        pfns = np.concatenate(got) if got else np.empty(0, dtype=np.int64)
+        pfns = pfns.astype(P.PFN, copy=False)
+        self.free_map[pfns] = False
+        self.nr_free -= count
+        self.cursor = int(pfns[-1]) + 1 if count else self.cursor
+        if self.cursor >= frames:
+            self.cursor = 0
+        return pfns
+
+    def free(self, pfns: np.ndarray) -> None:
+        """Return frames; freeing a free frame is an error and changes nothing."""
+        if len(pfns) == 0:
+            return
+        if pfns.min() < 0 or pfns.max() >= len(self.free_map):
+            raise IndexError("frame number out of range")
+        if self.free_map[pfns].any() or len(np.unique(pfns)) != len(pfns):
+            raise ValueError("double free of a frame")
+        self.free_map[pfns] = True
+        self.nr_free += len(pfns)
+
+
+class Node:
+    """The node process's state and request handlers."""
+
+    def __init__(self, node: int, segment: Segment) -> None:
+        self.node = node
+        self.segment = segment
+        self.frames = segment.array
+        self.allocator = FrameAllocator(segment.frames)
+        self.lru = np.zeros(segment.frames, dtype=np.uint8)
+        self.numastat = dict.fromkeys(NUMASTAT_KEYS, 0)
+        self.handlers: dict[str, Callable] = {
+            "alloc": self.alloc,
+            "free": self.free,
+            "account": self.account,
+            "read_frames": self.read_frames,
+            "write_frames": self.write_frames,
+            "lru_state": self.lru_state,
+            "node_stats": self.node_stats,
+            "ping": lambda req: {},
+        }
+
+    def _check_pfns(self, pfns: np.ndarray) -> None:
+        if len(pfns) and (pfns.min() < 0 or pfns.max() >= self.segment.frames):
+            raise P.ProtocolError("frame number out of range")
+
+    def alloc(self, req: P.Alloc) -> dict:
+        if req.count < 0:
+            raise ProtocolError("negative count")
+        try:
+            pfns = self.allocator.alloc(req.count)
+        except MemoryError as exc:
+            raise _Errno(errno.ENOMEM, str(exc)) from None
+        if req.zero:
+            for start, length in runs(pfns):
+                self.frames[start : start + length] = 0
+        self.lru[pfns] = LRU_INACTIVE
+        self._add_stats(req.stats)
+        return {"pfns": pfns}
+
+    def free(self, req: P.Free) -> dict:
+        self._check_pfns(req.pfns)
+        try:
+            self.allocator.free(req.pfns)
+        except ValueError as exc:
+            raise _Errno(errno.EINVAL, str(exc)) from None
+        self.lru[req.pfns] = LRU_NONE
+        return {}
+
+    def account(self, req: P.Account) -> dict:
+        self._add_stats(req.stats)
+        return {}
+
+    def _add_stats(self, stats: dict) -> None:
+        for key, value in stats.items():
+            if key not in self.numastat or not isinstance(value, int):
+                raise ProtocolError(f"bad numastat counter {key!r}")
+        for key, value in stats.items():
+            self.numastat[key] += value
+
+    def read_frames(self, req: P.ReadFrames) -> dict:
+        self._check_pfns(req.pfns)
+        return {"data": self.frames[req.pfns].tobytes()}
+
+    def write_frames(self, req: P.WriteFrames) -> dict:
+        self._check_pfns(req.pfns)
+        if len(req.data) != len(req.pfns) * self.segment.page_size:
+            raise ProtocolError("data length does not match the frame list")
+        self.frames[req.pfns] = np.frombuffer(req.data, dtype=np.uint8).reshape(
+            len(req.pfns), self.segment.page_size
+        )
+        return {}
+
+    def lru_state(self, req: P.LruState) -> dict:
+        self._check_pfns(req.pfns)
+        return {"state": self.lru[req.pfns].astype(P.PROT)}
+
+    def node_stats(self, req: P.NodeStats) -> dict:
+        return {
+            "node": self.node,
+            "frames": self.segment.frames,
+            "free": self.allocator.nr_free,
+            "numastat": dict(self.numastat),
+            "active": int(np.count_nonzero(self.lru == LRU_ACTIVE)),
+            "inactive": int(np.count_nonzero(self.lru == LRU_INACTIVE)),
+        }
+
+    def handle(self, raw: bytes) -> bytes | None:
+        """Answer one request; a malformed one gets an error reply, never an exception."""
+        obj: dict = {}
+        try:
+            obj = P.unpack(raw)
+            if "re" in obj:  # a reply (to our register): not expected here
+                return None
+            req = P.decode_request(obj)
+            handler = self.handlers.get(req.op)
+            if handler is None:
+                raise ProtocolError(f"op {req.op!r} is not served by a node")
+            return P.ok_reply(obj.get("seq"), **handler(req))
+        except _Errno as exc:
+            return P.error_reply(obj.get("seq"), exc.errno, exc.strerror)
+        except ProtocolError as exc:
+            log.warning("node %d: bad request: %s", self.node, exc)
+            return P.protocol_error_reply(obj, exc)
+        except Exception as exc:  # a handler bug must not kill the node
+            log.exception("node %d: request failed", self.node)
+            return P.error_reply(obj.get("seq"), errno.EIO, f"node error: {exc}")
+
+
+class _Errno(OSError):
+    pass
+
+
+def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str) -> None:
+    """Register with the coordinator and answer requests until told to exit or orphaned."""
+    state = Node(node, segment)
+    ctx = zmq.Context()
+    ctrl = ctx.socket(zmq.DEALER)
+    ctrl.setsockopt(zmq.LINGER, 0)
+    ctrl.connect(coordinator)
+    data = ctx.socket(zmq.ROUTER)
+    data.setsockopt(zmq.LINGER, 0)
+    data.bind(data_endpoint)
+    stop = []
+    # SIGINT is left alone: under ``numaemu up`` Ctrl-C reaches the whole process group, and
+    # the coordinator needs its nodes alive to write dirty pages back before it stops them.
+    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    try:
+        ctrl.send(P.encode_request(P.Register(
+            node=node, path=segment.path, frames=segment.frames, page_size=segment.page_size,
+            host=socket.gethostname(), os_pid=os.getpid(), data_endpoint=data_endpoint), 0))
+        if not ctrl.poll(HEARTBEAT_TIMEOUT * 1000):
+            log.error("node %d: coordinator %s did not answer the registration", node, coordinator)
+            return
+        reply = P.unpack(ctrl.recv())
+        if not reply.get("ok"):
+            log.error("node %d: registration refused: %s", node, reply.get("error"))
+            return
+        log.info("node %d up: %d frames of %d bytes in %s", node, segment.frames,
+                 segment.page_size, segment.path)
+        poller = zmq.Poller()
+        poller.register(ctrl, zmq.POLLIN)
+        poller.register(data, zmq.POLLIN)
+        last_heard = time.monotonic()
+        while not stop:
+            events = dict(poller.poll(HEARTBEAT_INTERVAL * 1000))
+            if ctrl in events:
+                raw = ctrl.recv()
+                last_heard = time.monotonic()
+                obj = _peek_op(raw)
+                if obj == "exit":
+                    stop.append("exit request")
+                    break
+                out = state.handle(raw)
+                if out is not None:
+                    ctrl.send(out)
+            if data in events:
+                ident, raw = _split(data.recv_multipart())
+                if ident is not None:
+                    out = state.handle(raw)
+                    if out is not None:
+                        data.send_multipart([ident, out])
+            if time.monotonic() - last_heard > HEARTBEAT_TIMEOUT:
+                log.error("node %d: no heartbeat from the coordinator for %.1f s; exiting",
+                          node, HEARTBEAT_TIMEOUT)
+                break
+        if stop:
+            log.info("node %d stopping (%s)", node, stop[0])
+    finally:
+        ctrl.close(0)
+        data.close(0)
+        ctx.term()
+        state.frames = None
+        segment.close()
+
+
+def _peek_op(raw: bytes) -> str | None:
+    try:
+        obj = P.unpack(raw)
+    except ProtocolError:
+        return None
+    return obj.get("op")
+
+
+def _split(frames: list[bytes]) -> tuple[bytes | None, bytes]:
+    if len(frames) != 2:
+        return None, b""
+    return frames[0], frames[1]

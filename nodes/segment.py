@@ -1,0 +1,83 @@
+"""A node's frames: one file in /dev/shm, mapped with mmap and pre-faulted.
+
+Not ``multiprocessing.shared_memory``: on Python 3.11 its resource tracker
+unlinks a segment when a process that merely attached to it exits
+(reference/python-ipc-measurements.md section 5).  The node that creates a
+segment removes it when it stops; the launcher sweeps leftovers by name.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+PREFIX = "numaemu-"
+MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python 3.11 has no constant for it
+
+
+def segment_path(cluster_id: str, node: int) -> str:
+    """Where node ``node`` of cluster ``cluster_id`` keeps its frames."""
+    return os.path.join(SHM_DIR, f"{PREFIX}{cluster_id}-node{node}")
+
+
+def cluster_segments(cluster_id: str) -> list[str]:
+    """Every segment of a cluster that is still in /dev/shm."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    prefix = f"{PREFIX}{cluster_id}-"
+    return [os.path.join(SHM_DIR, n) for n in names if n.startswith(prefix)]
+
+
+class Segment:
+    """A shared-memory file of ``frames`` page-size slots, viewed as a 2-D uint8 array."""
+
+    def __init__(self, path: str, frames: int, page_size: int, *, create: bool) -> None:
+        self.path = path
+        self.frames = frames
+        self.page_size = page_size
+        self.size = frames * page_size
+        self.owner = create
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, self.size)
+            elif os.fstat(fd).st_size < self.size:
+                raise ValueError(f"{path} is smaller than {self.size} bytes")
+            self.map = mmap.mmap(fd, max(self.size, page_size))
+        finally:
+            os.close(fd)
+        if create:
+            self._prefault()
+        self.array = np.frombuffer(self.map, dtype=np.uint8, count=self.size).reshape(
+            frames, page_size
+        )
+
+    def _prefault(self) -> None:
+        """Populate every page now: a first write to a fresh shared page costs ~3 us."""
+        if self.size == 0:
+            return
+        try:
+            self.map.madvise(MADV_POPULATE_WRITE)
+        except (OSError, ValueError):
+            view = np.frombuffer(self.map, dtype=np.uint8, count=self.size)
+            view[:: mmap.PAGESIZE] = 0
+            del view
+
+    def close(self) -> None:
+        """Unmap; the owner also removes the file."""
+        self.array = None
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a view is still exported; the mapping goes away with the process
+        if self.owner:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

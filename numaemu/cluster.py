@@ -1,0 +1,321 @@
+"""Starting, using and stopping a cluster from Python.
+
+``Cluster`` runs the supervisor (``python -m numaemu.supervisor``) as a child
+in its own session and talks to it through a pipe: the supervisor prints one
+ready line with the cluster's address, and stops the whole cluster when the
+pipe closes, so a crashed or killed owner never leaves a cluster behind.  The
+supervisor, not this process, forks the coordinator and the nodes: this
+process may already have zmq contexts and threads, and forking those is unsafe.
+
+``Cluster.spawn`` starts client processes with a clean start method
+(forkserver, modules preloaded) for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ClusterError
+from .task import Task
+from .topology import Topology
+from .transport import Connection
+
+START_TIMEOUT = 90.0
+STOP_TIMEOUT = 20.0
+
+_forkserver = None
+
+
+def _client_context():
+    """A forkserver context with numaemu preloaded: a clean, fast start for client processes."""
+    global _forkserver
+    if _forkserver is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["numaemu", "numpy", "zmq", "msgpack"])
+        _forkserver = ctx
+    return _forkserver
+
+
+class Cluster:
+    """An emulated NUMA machine: a coordinator and one process per node.
+
+    Use as a context manager; leaving it (or ``stop()``) stops every process of
+    the cluster and removes its shared memory, also after an exception.
+    """
+
+    def __init__(self, topology: Topology | None = None, *, log_level: str = "WARNING",
+                 listen: str | None = None, start: bool = True) -> None:
+        self.topology = topology if topology is not None else Topology.default()
+        self.log_level = log_level
+        self.listen = listen
+        self.address: str | None = None
+        self.cluster_id: str | None = None
+        self.run_dir: str | None = None
+        self.log_path: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._tasks: list[Task] = []
+        self._handles: list[ClientHandle] = []
+        if start:
+            self.start()
+
+    @property
+    def page_size(self) -> int:
+        return self.topology.page_size
+
+    def start(self) -> None:
+        """Start the supervisor, which starts the coordinator and nodes; wait until ready."""
+        if self._proc is not None:
+            return
+        cmd = [sys.executable, "-m", "numaemu.supervisor",
+               "--topology", json.dumps(self.topology.to_dict()),
+               "--log-level", self.log_level, "--watch-stdin"]
+        if self.listen:
+            cmd += ["--listen", self.listen]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      start_new_session=True)
+        try:
+            ready = self._read_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.address = ready["address"]
+        self.cluster_id = ready["cluster_id"]
+        self.run_dir = ready["run_dir"]
+        self.log_path = ready["log"]
+
+    def _read_ready(self) -> dict:
+        deadline = time.monotonic() + START_TIMEOUT
+        out = self._proc.stdout
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([out], [], [], 0.5)
+            if readable:
+                line = out.readline()
+                if not line:
+                    raise ClusterError(f"the cluster failed to start (supervisor exit code "
+                                       f"{self._proc.wait(5)}); see its log in "
+                                       f"{os.environ.get('NUMAEMU_RUN_DIR') or '/tmp'}")
+                ready = json.loads(line)
+                if "error" in ready:
+                    raise ClusterError(f"the cluster failed to start: {ready['error']}")
+                return ready
+            if self._proc.poll() is not None:
+                raise ClusterError(f"the supervisor exited with {self._proc.returncode}")
+        raise ClusterError(f"the cluster did not start within {START_TIMEOUT} s")
+
+    def stop(self) -> None:
+        """Stop every process of the cluster and remove its shared memory."""
+        for handle in self._handles:
+            handle.terminate()
+        self._handles.clear()
+        for task in self._tasks:
+            task.close()
+        self._tasks.clear()
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # the supervisor's cue to stop everything
+        except OSError:
+            pass
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+            from .rundir import sweep_leftovers
+
+            sweep_leftovers()
+        finally:
+            if proc.stdout:
+                proc.stdout.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if getattr(self, "_proc", None) is not None:
+            try:
+                self.stop()
+            except Exception:
+                pass
+
+    # -- using it ------------------------------------------------------------------
+    def _require(self) -> str:
+        if self.address is None or self._proc is None:
+            raise ClusterError("the cluster is not running")
+        return self.address
+
+    def attach(self, cpu: int | None = None, privileged: bool = False) -> Task:
+        """A client task in this process, on ``cpu``; closed when the cluster stops."""
+        task = Task(self._require(), cpu=cpu, privileged=privileged)
+        self._tasks.append(task)
+        return task
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, cpu: int | None = None,
+              privileged: bool = False) -> ClientHandle:
+        """Run ``fn(task, *args)`` in a new client process; ``fn`` must be importable."""
+        handle = ClientHandle(self._require(), fn, args, cpu, privileged)
+        self._handles.append(handle)
+        return handle
+
+    def _call(self, op: str, **fields) -> dict:
+        with Connection(self._require()) as conn:
+            return conn.call(op, **fields)
+
+    def hardware(self) -> str:
+        """The machine as ``numactl --hardware`` prints it."""
+        from .views import hardware_text
+
+        nodes = self._call("numastat")["nodes"]
+        free = [nodes[str(n)]["free"] for n in self.topology.nodes]
+        return hardware_text(self.topology, free)
+
+    def numastat(self) -> dict[int, dict[str, int]]:
+        """Per-node numastat counters."""
+        nodes = self._call("numastat")["nodes"]
+        return {int(n): dict(s["numastat"]) for n, s in nodes.items()}
+
+    def free_frames(self) -> dict[int, int]:
+        """Free frames per node."""
+        nodes = self._call("numastat")["nodes"]
+        return {int(n): s["free"] for n, s in nodes.items()}
+
+    def processes(self) -> dict[str, int]:
+        """OS pids of the cluster's own processes (supervisor, coordinator, nodes)."""
+        from .rundir import read_state
+
+        state = read_state(self.run_dir or "") or {}
+        return {"supervisor": state.get("supervisor_pid", 0), "children": state.get("pids", [])}
+
+
+def _client_main(address: str, fn, args, cpu, privileged, conn) -> None:
+    """Body of a spawned client process."""
+    try:
+        task = Task(address, cpu=cpu, privileged=privileged,
+                    command=getattr(fn, "__name__", "client"))
+    except BaseException as exc:
+        conn.send(("error", _portable(exc)))
+        return
+    conn.send(("attached", task.pid))
+    try:
+        result = fn(task, *args)
+        outcome = ("ok", result)
+    except BaseException as exc:
+        outcome = ("error", _portable(exc))
+    finally:
+        task.close()
+    try:
+        conn.send(outcome)
+    except Exception as exc:  # an unpicklable result
+        conn.send(("error", RuntimeError(f"result of {fn!r} cannot be sent back: {exc}")))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it pickles, else a RuntimeError carrying its traceback."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError("".join(traceback.format_exception(exc)))
+
+
+class ClientHandle:
+    """A spawned client process running ``fn(task, *args)``."""
+
+    def __init__(self, address: str, fn, args, cpu, privileged) -> None:
+        ctx = _client_context()
+        self._conn, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_client_main, name=f"numaemu-client-{fn.__name__}",
+                                 args=(address, fn, args, cpu, privileged, child), daemon=True)
+        self._proc.start()
+        child.close()
+        self._outcome: tuple | None = None
+        if not self._conn.poll(START_TIMEOUT):
+            self.terminate()
+            raise ClusterError("the client process did not attach in time")
+        kind, value = self._recv()
+        if kind != "attached":
+            self._proc.join(5)
+            raise value
+        self.pid: int = value
+        self.os_pid = self._proc.pid
+
+    def _recv(self) -> tuple:
+        try:
+            return self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            return ("error", ClusterError(
+                f"client process died (exit code {self._proc.exitcode})"))
+
+    def done(self) -> bool:
+        """Whether ``fn`` has finished (or the process died)."""
+        return self._outcome is not None or self._conn.poll(0) or not self._proc.is_alive()
+
+    def join(self, timeout: float | None = None) -> Any:
+        """``fn``'s return value; re-raises its exception; TimeoutError if still running."""
+        if self._outcome is None:
+            if not self._conn.poll(timeout):
+                raise TimeoutError(f"client {self.pid} still running after {timeout} s")
+            self._outcome = self._recv()
+            self._proc.join(10)
+        kind, value = self._outcome
+        if kind == "error":
+            raise value
+        return value
+
+    def kill(self) -> None:
+        """SIGKILL the client process (to test what a dying client leaves behind)."""
+        if self._proc.is_alive():
+            os.kill(self._proc.pid, signal.SIGKILL)
+        self._proc.join(5)
+
+    def terminate(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(2)
+
+
+def attach(address: str | None = None, cpu: int | None = None,
+           privileged: bool = False) -> Task:
+    """Attach this process to a running cluster (``address`` defaults to $NUMAEMU_ADDRESS).
+
+    Under ``numaemu run`` the CPU binding and memory policy given on its command
+    line are applied to the new task.
+    """
+    address = address or os.environ.get("NUMAEMU_ADDRESS")
+    if not address:
+        raise ClusterError("no cluster address: pass address= or set NUMAEMU_ADDRESS "
+                           "(numaemu up --detach prints it)")
+    run = json.loads(os.environ.get("NUMAEMU_RUN", "{}") or "{}")
+    cpus = run.get("cpus")
+    if cpu is None and cpus:
+        cpu = cpus[0]
+    task = Task(address, cpu=cpu, privileged=privileged)
+    try:
+        if cpus:
+            task.sched_setaffinity(cpus)
+        if run.get("mode") is not None:
+            task.set_mempolicy(run["mode"], run.get("nodes", ()))
+    except BaseException:
+        task.close()
+        raise
+    return task

@@ -1,0 +1,123 @@
+"""Synchronous request-reply to the coordinator, that never hangs on a dead cluster.
+
+A ``Connection`` is a DEALER socket (ZeroMQ guide: request-reply through
+ROUTER and DEALER) plus a socket monitor.  While a request waits, the monitor
+tells when the connection drops (the coordinator process died: its end of
+the ``ipc://`` or ``tcp://`` connection closes), and ZMTP heartbeats drop
+connections to a host that vanished.  Either way the caller gets a
+``ClusterError`` within a few seconds instead of waiting forever.
+
+One socket, one thread: a Connection must be used by one thread at a time
+(``Task`` serialises its requests with a lock).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from . import protocol as P
+from .errors import ClusterError, NumaError
+
+#: How long to wait for a first connection to the coordinator.
+CONNECT_TIMEOUT = 5.0
+#: How long a request may wait for its reply while the connection is up.
+REQUEST_TIMEOUT = 120.0
+POLL_SLICE_MS = 200
+
+_ctx_pid = None
+_ctx: zmq.Context | None = None
+
+
+def context() -> zmq.Context:
+    """This process's zmq context (a fresh one after a fork)."""
+    global _ctx, _ctx_pid
+    if _ctx is None or _ctx_pid != os.getpid():
+        _ctx = zmq.Context()
+        _ctx_pid = os.getpid()
+    return _ctx
+
+
+class Connection:
+    """A DEALER connected to one ROUTER endpoint, with disconnect detection."""
+
+    def __init__(self, address: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        if not isinstance(address, str) or "://" not in address:
+            raise ClusterError(f"not a cluster address: {address!r} (expected ipc://... or "
+                               "tcp://...)")
+        self.address = address
+        self.connect_timeout = connect_timeout
+        ctx = context()
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+        self.sock.connect(address)
+        self.connected = False
+        self.lost = False
+        self._created = time.monotonic()
+        self._seq = itertools.count(1)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
+
+    def _drain_monitor(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.connected = True
+            elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and self.connected:
+                self.lost = True
+
+    def _check_alive(self, op: str) -> None:
+        self._drain_monitor()
+        if self.lost:
+            raise ClusterError(f"the coordinator at {self.address} went away ({op})")
+        if not self.connected and time.monotonic() - self._created > self.connect_timeout:
+            raise ClusterError(f"no coordinator answers at {self.address} ({op})")
+
+    def call(self, op: str, *, timeout: float = REQUEST_TIMEOUT, **fields: Any) -> dict:
+        """Send request ``op`` and return its reply; error replies raise ``NumaError``."""
+        req = P.REQUESTS[op](**fields)
+        return self.request(req, timeout=timeout)
+
+    def request(self, req: Any, *, timeout: float = REQUEST_TIMEOUT) -> dict:
+        if self.sock is None:
+            raise ClusterError("connection is closed")
+        self._check_alive(req.op)
+        seq = next(self._seq)
+        self.sock.send(P.encode_request(req, seq))
+        deadline = time.monotonic() + timeout
+        while True:
+            events = dict(self._poller.poll(POLL_SLICE_MS))
+            if self.sock in events:
+                reply = P.unpack(self.sock.recv())
+                if reply.get("re") != seq:
+                    continue  # a late reply to an abandoned request
+                if not reply.get("ok"):
+                    raise NumaError(reply.get("errno", 5), reply.get("error"))
+                return reply
+            self._check_alive(req.op)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"no reply to {req.op} from {self.address} in {timeout} s")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+            self.sock.close(0)
+            self.sock = None
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
