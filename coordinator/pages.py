@@ -66,7 +66,7 @@ class FrameTable:
     """``struct page`` arrays of one node."""
 
     def __init__(self, frames: int) -> None:
-        self.flags = np.zeros(frames, dtype=np.uint32)
+        self.flags = np.zeros(frames, dtype=np.int64)
         self.refcount = np.zeros(frames, dtype=np.int32)
         self.mapcount = np.zeros(frames, dtype=np.int32)
         self.mapping = np.zeros(frames, dtype=np.int32)  # shared object id; 0 = anonymous
@@ -107,7 +107,7 @@ class PageLocks:
 
     def unlock(self, node: int, pfns: np.ndarray) -> None:
         """Unlock and wake everyone waiting on these pages (seed step 19)."""
-        self.tables[node].flags[pfns] &= ~np.uint32(PageFlag.LOCKED)
+        self.tables[node].flags[pfns] &= ~int(PageFlag.LOCKED)
         if not self.waiters:
             return
         for pfn in pfns.tolist():

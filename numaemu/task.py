@@ -30,6 +30,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from contextlib import suppress
 from typing import Any
@@ -46,6 +47,7 @@ from .transport import Connection, context
 log = logging.getLogger("numaemu.client")
 
 HEARTBEAT = 1.0
+STOP_POLL_MS = 50
 
 
 class Mapping:
@@ -554,9 +556,11 @@ class _Shootdown(threading.Thread):
             return
         self._ready.set()
         heartbeat = P.encode_request(P.Heartbeat(pid=self.task.pid), 0)
+        next_beat = time.monotonic() + HEARTBEAT
         try:
             while not self._halt.is_set():
-                if sock.poll(HEARTBEAT * 1000):
+                # Short polls so that close() is prompt; heartbeats once a second.
+                if sock.poll(STOP_POLL_MS):
                     raw = sock.recv()
                     try:
                         obj = P.unpack(raw)
@@ -567,8 +571,9 @@ class _Shootdown(threading.Thread):
                         sock.send(P.ok_reply(obj.get("seq")))
                     except P.ProtocolError as exc:
                         log.warning("task %d: bad shootdown message: %s", self.task.pid, exc)
-                else:
+                elif time.monotonic() >= next_beat:
                     sock.send(heartbeat, zmq.NOBLOCK)
+                    next_beat = time.monotonic() + HEARTBEAT
         except zmq.ZMQError:
             pass
         finally:

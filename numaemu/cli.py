@@ -1,0 +1,335 @@
+"""The ``numaemu`` command line: numactl's tools for an emulated cluster.
+
+Commands that act on a running cluster find it through ``--address``, then
+``$NUMAEMU_ADDRESS``, then the only cluster of this user that is running.
+Errors go to stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import ClusterError, NumaError
+from .topology import Topology, TopologyError
+
+
+def _topology_from_args(args) -> Topology:
+    if args.topology:
+        return Topology.load(args.topology)
+    if args.distance:
+        return Topology(Topology.parse_distances(args.distance),
+                        frames_per_node=args.frames_per_node, cpus_per_node=args.cpus_per_node)
+    if args.nodes is None and args.frames_per_node is None and args.cpus_per_node is None:
+        return Topology.default()
+    default = Topology.default()
+    return Topology.symmetric(
+        nodes=args.nodes or default.num_nodes,
+        frames_per_node=args.frames_per_node or default.frames_per_node[0],
+        cpus_per_node=args.cpus_per_node if args.cpus_per_node is not None else 2)
+
+
+def resolve_address(explicit: str | None = None) -> str:
+    """The cluster to talk to: explicit, $NUMAEMU_ADDRESS, or the only one running."""
+    if explicit:
+        return explicit
+    env = os.environ.get("NUMAEMU_ADDRESS")
+    if env:
+        return env
+    from .rundir import live_clusters
+
+    live = live_clusters()
+    if len(live) == 1:
+        return live[0]["address"]
+    if not live:
+        raise ClusterError("no cluster is running (start one with `numaemu up --detach`)")
+    addrs = ", ".join(c["address"] for c in live)
+    raise ClusterError(f"several clusters are running ({addrs}); set NUMAEMU_ADDRESS")
+
+
+def _call(args, op: str, **fields) -> dict:
+    from .transport import Connection
+
+    with Connection(resolve_address(args.address)) as conn:
+        return conn.call(op, **fields)
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_up(args) -> int:
+    topology = _topology_from_args(args)
+    if args.detach:
+        return _up_detached(args, topology)
+    from .supervisor import supervise
+
+    class _Announce:
+        def write(self, line: str) -> None:
+            ready = json.loads(line)
+            if "address" in ready:
+                print(f"numaemu cluster {ready['cluster_id']} up: {topology.num_nodes} nodes")
+                print(f"address: {ready['address']}")
+                print(f"log:     {ready['log']}")
+                print(f"export NUMAEMU_ADDRESS={ready['address']}")
+                print("Ctrl-C stops it.", flush=True)
+
+        def flush(self) -> None:
+            sys.stdout.flush()
+
+    return supervise(topology, log_level=args.log_level, listen=args.listen,
+                     ready_out=_Announce())
+
+
+def _up_detached(args, topology: Topology) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "numaemu.supervisor", "--topology",
+           json.dumps(topology.to_dict()), "--log-level", args.log_level, "--no-stderr"]
+    if args.listen:
+        cmd += ["--listen", args.listen]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    try:
+        ready = json.loads(line)
+    except ValueError:
+        ready = {"error": f"supervisor exited with {proc.wait()}"}
+    if "error" in ready:
+        print(f"numaemu up: {ready['error']}", file=sys.stderr)
+        return 1
+    print(ready["address"])
+    return 0
+
+
+def cmd_down(args) -> int:
+    import signal
+    import time
+
+    from .rundir import pid_alive
+
+    info = _call(args, "info")
+    pid = info["supervisor_pid"]
+    if not pid:
+        print("numaemu down: that cluster has no supervisor to stop", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        print(f"numaemu down: supervisor {pid} did not stop", file=sys.stderr)
+        return 1
+    print(f"cluster {info['cluster_id']} stopped")
+    return 0
+
+
+def cmd_hardware(args) -> int:
+    from .views import hardware_text
+
+    info = _call(args, "info")
+    stats = _call(args, "numastat")["nodes"]
+    topo = Topology.from_dict(info["topology"])
+    print(hardware_text(topo, [stats[str(n)]["free"] for n in topo.nodes]), end="")
+    return 0
+
+
+def cmd_numastat(args) -> int:
+    from .views import numastat_from_numa_maps, numastat_process_text, numastat_text
+
+    if args.p is None:
+        stats = _call(args, "numastat")["nodes"]
+        print(numastat_text({int(n): s["numastat"] for n, s in stats.items()}), end="")
+        return 0
+    info = _call(args, "info")
+    topo = Topology.from_dict(info["topology"])
+    reply = _call(args, "numa_maps", pid=args.p)
+    pages = numastat_from_numa_maps(reply["text"])
+    print(numastat_process_text(args.p, reply["command"], pages, topo.nodes, topo.page_size),
+          end="")
+    return 0
+
+
+def cmd_numa_maps(args) -> int:
+    print(_call(args, "numa_maps", pid=args.pid)["text"], end="")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    tasks = _call(args, "tasks")["tasks"]
+    print(f"{'PID':>8} {'CPU':>4} {'OS PID':>8}  COMMAND")
+    for t in sorted(tasks, key=lambda t: t["pid"]):
+        print(f"{t['pid']:>8} {t['cpu']:>4} {t['os_pid']:>8}  {t['command']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .constants import Mode
+    from .nodelist import parse_cpus, parse_nodes
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("numaemu run: no command given", file=sys.stderr)
+        return 2
+    address = resolve_address(args.address)
+    info = _call(args, "info")
+    topo = Topology.from_dict(info["topology"])
+    policies = [p for p in ("membind", "interleave", "preferred", "localalloc",
+                            "weighted_interleave", "preferred_many") if getattr(args, p)]
+    if len(policies) > 1:
+        print("numaemu run: Conflicting policies", file=sys.stderr)
+        return 1
+    run: dict = {}
+    try:
+        if args.cpunodebind:
+            nodes = parse_nodes(args.cpunodebind, topo.nodes)
+            run["cpus"] = sorted(c for n in nodes for c in topo.cpus_of(n))
+            if not run["cpus"]:
+                raise ValueError(f"{args.cpunodebind} is invalid: those nodes have no CPUs")
+        elif args.physcpubind:
+            run["cpus"] = list(parse_cpus(args.physcpubind, topo.cpus))
+        if args.membind:
+            run.update(mode=int(Mode.BIND), nodes=list(parse_nodes(args.membind, topo.nodes)))
+        elif args.interleave:
+            run.update(mode=int(Mode.INTERLEAVE),
+                       nodes=list(parse_nodes(args.interleave, topo.nodes)))
+        elif args.weighted_interleave:
+            run.update(mode=int(Mode.WEIGHTED_INTERLEAVE),
+                       nodes=list(parse_nodes(args.weighted_interleave, topo.nodes)))
+        elif args.preferred_many:
+            run.update(mode=int(Mode.PREFERRED_MANY),
+                       nodes=list(parse_nodes(args.preferred_many, topo.nodes)))
+        elif args.preferred is not None:
+            nodes = parse_nodes(args.preferred, topo.nodes)
+            if len(nodes) != 1:
+                raise ValueError(f"{args.preferred} is invalid: --preferred takes one node")
+            run.update(mode=int(Mode.PREFERRED), nodes=list(nodes))
+        elif args.localalloc:
+            run.update(mode=int(Mode.LOCAL), nodes=[])
+    except ValueError as exc:
+        print(f"numaemu run: {exc}", file=sys.stderr)
+        return 1
+    env = dict(os.environ, NUMAEMU_ADDRESS=address, NUMAEMU_RUN=json.dumps(run))
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        print(f"numaemu run: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+def cmd_node(args) -> int:
+    from nodes.main import main as node_main
+
+    argv = ["--coordinator", resolve_address(args.address), "--node", str(args.node),
+            "--log-level", args.log_level]
+    if args.data_endpoint:
+        argv += ["--data-endpoint", args.data_endpoint]
+    return node_main(argv)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(quick=args.quick)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args.what, json_out=args.json, pages=args.pages, repeat=args.repeat)
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="numaemu", description="An emulated NUMA machine "
+                                     "made of real processes.")
+    parser.add_argument("--address", help="the cluster to use (default: $NUMAEMU_ADDRESS, or "
+                        "the only one running)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="start the built-in cluster and show placement at work")
+    p.add_argument("--quick", action="store_true", help="fewer pages (for tests)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("up", help="start a cluster (foreground until Ctrl-C, or --detach)")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--frames-per-node", type=int)
+    p.add_argument("--cpus-per-node", type=int)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--distance", help='distance matrix, rows split by ";": "10,21;21,10"')
+    g.add_argument("--topology", help="a topology file (.toml or .json)")
+    p.add_argument("--detach", action="store_true", help="run in the background; print the "
+                   "address")
+    p.add_argument("--listen", help="tcp://HOST:PORT to serve on tcp (4 consecutive ports and "
+                   "node data ports) instead of ipc")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop a cluster")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("hardware", help="like numactl --hardware")
+    p.set_defaults(func=cmd_hardware)
+
+    p = sub.add_parser("numastat", help="per-node allocation counters, like numastat")
+    p.add_argument("-p", type=int, metavar="PID", help="per-node memory of one task")
+    p.set_defaults(func=cmd_numastat)
+
+    p = sub.add_parser("numa-maps", help="/proc/PID/numa_maps of a task")
+    p.add_argument("pid", type=int)
+    p.set_defaults(func=cmd_numa_maps)
+
+    p = sub.add_parser("tasks", help="list the tasks attached to the cluster")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("run", help="run COMMAND with a CPU binding and memory policy, like "
+                       "numactl; its numaemu.attach() gets them")
+    p.add_argument("--cpunodebind", "-N")
+    p.add_argument("--physcpubind", "-C")
+    p.add_argument("--membind", "-m")
+    p.add_argument("--interleave", "-i")
+    p.add_argument("--weighted-interleave", "-w", dest="weighted_interleave")
+    p.add_argument("--preferred", "-p")
+    p.add_argument("--preferred-many", "-P", dest="preferred_many")
+    p.add_argument("--localalloc", "-l", action="store_true")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("node", help="join a cluster as one node (e.g. from another host)")
+    p.add_argument("--node", type=int, required=True)
+    p.add_argument("--data-endpoint")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("bench", help="measure the emulator against same-run baselines")
+    p.add_argument("what", choices=["startup", "fault", "access", "all"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--pages", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=5)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``numaemu`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except NumaError as exc:
+        print(f"numaemu {args.cmd}: {exc.strerror} ({exc.errname})", file=sys.stderr)
+        return 1
+    except (ClusterError, TopologyError, OSError) as exc:
+        print(f"numaemu {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Shared fixtures: real clusters (session-scoped, they cost ~0.5 s each) and hygiene checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+import numaemu
+from nodes.segment import cluster_segments
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_dir(tmp_path_factory):
+    """Keep the tests' clusters apart from any the user runs."""
+    path = tmp_path_factory.mktemp("numaemu-run")
+    old = os.environ.get("NUMAEMU_RUN_DIR")
+    os.environ["NUMAEMU_RUN_DIR"] = str(path)
+    yield str(path)
+    if old is None:
+        os.environ.pop("NUMAEMU_RUN_DIR", None)
+    else:
+        os.environ["NUMAEMU_RUN_DIR"] = old
+
+
+def cluster_is_gone(cluster_id: str) -> bool:
+    """No segment and no process of this cluster remains (ARCHITECTURE invariant 5)."""
+    if cluster_segments(cluster_id):
+        return False
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return cluster_id not in out
+
+
+def small_topology(nodes: int = 2, frames: int = 4096, cpus: int = 2) -> numaemu.Topology:
+    return numaemu.Topology.symmetric(nodes=nodes, frames_per_node=frames, cpus_per_node=cpus)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A 2-node cluster, 16 MiB per node, CPUs 0-1 on node 0 and 2-3 on node 1."""
+    with numaemu.Cluster(small_topology()) as c:
+        yield c
+    assert cluster_is_gone(c.cluster_id)
+
+
+@pytest.fixture(scope="session")
+def cluster4():
+    """A 4-node cluster with an asymmetric distance matrix and a memory-only node 3."""
+    topo = numaemu.Topology(
+        distances=[[10, 16, 21, 32], [16, 10, 21, 21], [21, 21, 10, 16], [32, 21, 16, 10]],
+        frames_per_node=2048, cpus=[[0, 1], [2, 3], [4, 5], []])
+    with numaemu.Cluster(topo) as c:
+        yield c
+    assert cluster_is_gone(c.cluster_id)
+
+
+@pytest.fixture
+def task(cluster):
+    """A task on CPU 0 (node 0), closed after the test."""
+    t = cluster.attach(cpu=0)
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def task4(cluster4):
+    t = cluster4.attach(cpu=0)
+    yield t
+    t.close()
