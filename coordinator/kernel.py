@@ -7,8 +7,15 @@ primitives everything else is built on: allocating frames by policy
 
 Free-frame counts are mirrored here so that a batch can be planned (policy,
 fallback) without asking the nodes first; the node process stays the owner of
-its free list and the mirror is reserved before the alloc request is sent, so
-concurrent faults never oversubscribe a node.
+its free list and the mirror is reserved before any await, so concurrent
+faults never oversubscribe a node.
+
+Per-node page lists (the kernel's per-cpu pagesets): the coordinator keeps a
+few hundred zeroed frames of each node that it took from the node in bulk, so
+an ordinary fault allocates without a round trip to the node; the list is
+refilled in the background below ``PCP_LOW``.  numastat increments are
+batched the same way and sent to the node before anyone reads its counters
+(messages on one connection stay in order).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "loc
 #: Synthetic pids (a second task in one OS process, or a client on another host) start here,
 #: above Linux's pid_max, so they never collide with a real pid.
 SYNTHETIC_PID_BASE = 1 << 22
+#: Per-node page list: refill below PCP_LOW, up to PCP_HIGH frames, in one bulk alloc.
+PCP_LOW = 128
+PCP_HIGH = 512
 
 
 @dataclass
@@ -73,6 +83,10 @@ class Kernel:
         self.distances = [list(row) for row in topology.distances]
         self.weights = [topology.weight(n) for n in topology.nodes]
         self.node_set = frozenset(topology.nodes_with_memory)
+        self.pcp = [np.empty(0, dtype=np.int64) for _ in topology.nodes]
+        self._refilling: set[int] = set()
+        self.pending_stats: list[dict[str, int]] = [{} for _ in topology.nodes]
+        self.spawn = lambda coro: asyncio.ensure_future(coro)  # the server installs its own
 
     # -- identities ----------------------------------------------------------
     def new_pid(self, os_pid: int, host: str) -> int:
@@ -108,7 +122,7 @@ class Kernel:
     async def alloc_pages(self, policy: MemPolicy | None, cpu_node: int, ilx: np.ndarray, *,
                           flags: int, mapping: int, index: np.ndarray, owner: int,
                           zero: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Allocate one frame per entry of ``ilx`` by ``policy``; return (nodes, pfns).
+        """Allocate one zeroed frame per entry of ``ilx`` by ``policy``; return (nodes, pfns).
 
         Frames come back with refcount 0 and mapcount 0: the caller installs them.
         Raises ``NumaError(ENOMEM)`` and allocates nothing if the policy cannot be met.
@@ -120,32 +134,67 @@ class Kernel:
                                distances=self.distances, weights=self.weights)
         per_node = np.bincount(plan.nodes, minlength=self.num_nodes)
         self.free -= per_node  # reserve before awaiting: concurrent faults see it
-        deltas = plan.numastat_deltas(cpu_node, self.num_nodes)
         wanted = [int(n) for n in np.flatnonzero(per_node)]
-        stats_for = {n: {k: int(v[n]) for k, v in deltas.items() if v[n]}
-                     for n in range(self.num_nodes)}
-        calls = [self.node(n).peer.call(P.Alloc(count=int(per_node[n]), zero=zero,
-                                                stats=stats_for[n])) for n in wanted]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        if all(per_node[n] <= len(self.pcp[n]) for n in wanted):
+            results = [await self._take(n, int(per_node[n])) for n in wanted]  # no waiting
+        else:
+            results = await asyncio.gather(*(self._take(n, int(per_node[n])) for n in wanted),
+                                           return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             self.free += per_node
             for n, r in zip(wanted, results):
                 if not isinstance(r, BaseException):
-                    got = np.frombuffer(r["pfns"], dtype=P.PFN)
-                    self.free[n] -= len(got)
-                    await self.free_frames(n, got)
+                    self.pcp[n] = np.concatenate((r, self.pcp[n]))
             raise NumaError(12, f"frame allocation failed: {failed[0]}")
-        # numa_foreign lands on intended nodes that supplied nothing themselves.
-        for n, stats in stats_for.items():
-            if stats and n not in wanted:
-                await self.node(n).peer.send(P.Account(stats=stats))
+        for key, per in plan.numastat_deltas(cpu_node, self.num_nodes).items():
+            for n in np.flatnonzero(per).tolist():
+                stats = self.pending_stats[n]
+                stats[key] = stats.get(key, 0) + int(per[n])
         pfns = np.empty(count, dtype=np.int64)
-        for n, r in zip(wanted, results):
+        for n, got in zip(wanted, results):
             sel = plan.nodes == n
-            pfns[sel] = np.frombuffer(r["pfns"], dtype=P.PFN)
-            self.tables[n].prep_new(pfns[sel], flags, mapping, index[sel], owner)
+            pfns[sel] = got
+            self.tables[n].prep_new(got, flags, mapping, index[sel], owner)
         return plan.nodes.astype(np.int16), pfns
+
+    async def _take(self, node: int, count: int) -> np.ndarray:
+        """``count`` zeroed frames of ``node``: from its page list, else straight from it."""
+        pcp = self.pcp[node]
+        if count <= len(pcp):
+            got, self.pcp[node] = pcp[:count], pcp[count:]
+        else:
+            need = count - len(pcp)
+            try:  # take a page list's worth more while asking anyway
+                reply = await self.node(node).peer.call(P.Alloc(count=need + PCP_HIGH))
+            except NumaError:
+                reply = await self.node(node).peer.call(P.Alloc(count=need))
+            bulk = np.concatenate((self.pcp[node],
+                                   np.frombuffer(reply["pfns"], dtype=P.PFN).astype(np.int64)))
+            got, self.pcp[node] = bulk[:count], bulk[count:]
+        if len(self.pcp[node]) < PCP_LOW and node not in self._refilling:
+            self._refilling.add(node)
+            self.spawn(self._refill(node))
+        return got
+
+    async def _refill(self, node: int) -> None:
+        try:
+            need = PCP_HIGH - len(self.pcp[node])
+            if need > 0:
+                reply = await self.node(node).peer.call(P.Alloc(count=need))
+                bulk = np.frombuffer(reply["pfns"], dtype=P.PFN).astype(np.int64)
+                self.pcp[node] = np.concatenate((self.pcp[node], bulk))
+        except Exception as exc:  # the node is short of frames: the list simply stays short
+            log.debug("page list refill of node %d: %s", node, exc)
+        finally:
+            self._refilling.discard(node)
+
+    async def flush_stats(self) -> None:
+        """Send the batched numastat increments to their nodes."""
+        for n, stats in enumerate(self.pending_stats):
+            if stats and n in self.nodes:
+                self.pending_stats[n] = {}
+                await self.node(n).peer.send(P.Account(stats=stats))
 
     async def free_frames(self, node: int, pfns: np.ndarray) -> None:
         """Give frames back to their node (their refcount reached zero)."""

@@ -53,8 +53,11 @@ async def numa_maps(kernel, task) -> str:
 
 async def node_stats(kernel) -> dict[int, dict]:
     """Every node's counters and free frames, asked of the node processes."""
+    await kernel.flush_stats()  # batched increments first: same connection, so in order
     nodes = sorted(kernel.nodes)
     replies = await asyncio.gather(*(kernel.node(n).peer.call(P.NodeStats()) for n in nodes))
-    return {n: {"numastat": r["numastat"], "free": r["free"], "frames": r["frames"],
+    # Frames on the coordinator's per-node page lists are free, as in the kernel's MemFree.
+    return {n: {"numastat": r["numastat"], "free": r["free"] + len(kernel.pcp[n]),
+                "frames": r["frames"],
                 "active": r["active"], "inactive": r["inactive"]}
             for n, r in zip(nodes, replies)}

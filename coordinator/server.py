@@ -48,6 +48,7 @@ class Coordinator:
                  supervisor_pid: int = 0) -> None:
         self.kernel = Kernel(topology, cluster_id)
         self.kernel.schedule_reap = self.schedule_reap
+        self.kernel.spawn = self.spawn
         self.endpoints = endpoints
         self.supervisor_pid = supervisor_pid
         self.syscalls = Syscalls(self.kernel, self)
@@ -231,6 +232,7 @@ class Coordinator:
 
     async def ping_nodes(self) -> None:
         while True:
+            await self.kernel.flush_stats()
             for info in list(self.kernel.nodes.values()):
                 if not info.peer.gone:
                     try:

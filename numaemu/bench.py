@@ -1,0 +1,187 @@
+"""``numaemu bench``: what the emulator costs, against baselines measured in the same run.
+
+* ``startup``: time to start (and stop) a 4-node cluster;
+* ``fault``: first-touch fault cost per page, for a lone page and batches of 256 and 4096;
+* ``access``: TLB-hit ``read``/``write`` of 8 bytes and of 1 MiB, each next to plain
+  numpy access to the same shared memory, as ratios (baseline time / emulated time
+  for throughput, emulated time / baseline time for per-access overhead).
+
+Every figure is a median over repetitions; ratios are taken per repetition, so a
+noisy neighbour slows both sides of a pair.  Nothing here is asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import numpy as np
+
+from .cluster import Cluster
+from .topology import Topology
+
+
+def _median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def bench_startup(repeat: int) -> dict:
+    topo = Topology.symmetric(nodes=4, frames_per_node=16384, cpus_per_node=1)
+    starts, stops = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        cluster = Cluster(topo)
+        t1 = time.perf_counter()
+        cluster.stop()
+        t2 = time.perf_counter()
+        starts.append(t1 - t0)
+        stops.append(t2 - t1)
+    return {"nodes": 4, "frames_per_node": 16384, "start_s": _median(starts),
+            "stop_s": _median(stops)}
+
+
+def bench_fault(cluster: Cluster, repeat: int, pages: int | None) -> dict:
+    task = cluster.attach(cpu=0)
+    ps = task.page_size
+    out = {}
+    try:
+        single = []
+        for _ in range(max(50, repeat * 20)):
+            m = task.mmap(ps)
+            t0 = time.perf_counter()
+            task.write(m.addr, b"\1")
+            single.append(time.perf_counter() - t0)
+            task.munmap(m.addr, m.length)
+        out["single_page_us"] = _median(single) * 1e6
+        for batch in (256, pages or 4096):
+            per_page = []
+            for _ in range(repeat):
+                m = task.mmap(batch * ps)
+                data = bytes(batch * ps)
+                t0 = time.perf_counter()
+                task.write(m.addr, data)
+                per_page.append((time.perf_counter() - t0) / batch)
+                task.munmap(m.addr, m.length)
+            out[f"batch_{batch}_us_per_page"] = _median(per_page) * 1e6
+    finally:
+        task.close()
+    return out
+
+
+def bench_access(cluster: Cluster, repeat: int) -> dict:
+    task = cluster.attach(cpu=0)
+    ps = task.page_size
+    try:
+        big = 1 << 20
+        m = task.mmap(big + ps)
+        task.write(m.addr, bytes(big + ps))  # fault everything in: later accesses hit the TLB
+        seg = task._segments[task.node]
+        raw = np.frombuffer(seg.map, dtype=np.uint8)
+        first = task.move_pages([m.addr])[0]
+        assert first == task.node
+        # The raw baseline reads the frame that backs m.addr, found through the TLB entry.
+        base_off = _frame_offset(task, m.addr)
+        eight = b"\x07" * 8
+        eight_np = np.frombuffer(eight, dtype=np.uint8)
+        n = 20000
+        rows = {"read8": [], "write8": [], "read1m": [], "write1m": []}
+        base = {"read8": [], "write8": [], "read1m": [], "write1m": []}
+        read, write = task.read, task.write
+        payload = bytes(range(256)) * (big // 256)
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                raw[base_off : base_off + 8].tobytes()
+            base["read8"].append((time.perf_counter() - t0) / n)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                read(m.addr, 8)
+            rows["read8"].append((time.perf_counter() - t0) / n)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                raw[base_off : base_off + 8] = eight_np
+            base["write8"].append((time.perf_counter() - t0) / n)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                write(m.addr, eight)
+            rows["write8"].append((time.perf_counter() - t0) / n)
+            k = 50
+            t0 = time.perf_counter()
+            for _ in range(k):
+                raw[base_off : base_off + big].tobytes()
+            base["read1m"].append((time.perf_counter() - t0) / k)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                read(m.addr, big)
+            rows["read1m"].append((time.perf_counter() - t0) / k)
+            src = np.frombuffer(payload, dtype=np.uint8)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                raw[base_off : base_off + big] = src
+            base["write1m"].append((time.perf_counter() - t0) / k)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                write(m.addr, payload)
+            rows["write1m"].append((time.perf_counter() - t0) / k)
+        out = {}
+        for key in rows:
+            ours = _median(rows[key])
+            ref = _median(base[key])
+            ratios = [r / b for r, b in zip(rows[key], base[key])]
+            unit = 1e9 if key.endswith("8") else 1e6
+            suffix = "ns" if key.endswith("8") else "us"
+            out[f"{key}_{suffix}"] = ours * unit
+            out[f"{key}_numpy_{suffix}"] = ref * unit
+            out[f"{key}_slowdown"] = _median(ratios)
+        out["read1m_fraction_of_raw"] = 1 / out["read1m_slowdown"]
+        out["write1m_fraction_of_raw"] = 1 / out["write1m_slowdown"]
+        return out
+    finally:
+        task.close()
+
+
+def _frame_offset(task, addr: int) -> int:
+    """Byte offset in its node segment of the frame that backs ``addr`` (via the TLB)."""
+    i = (addr >> task._shift) - task._base_vpn
+    view = task._rtlb[i]
+    seg_view = task._views[task._tnode[i]]
+    return _address_of(view) - _address_of(seg_view)
+
+
+def _address_of(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+
+
+TARGETS = {
+    "batch_256_us_per_page": ("<=", 10.0),
+    "read8_slowdown": ("<=", 5.0),
+    "write8_slowdown": ("<=", 5.0),
+    "read1m_fraction_of_raw": (">=", 0.5),
+}
+
+
+def run_bench(what: str, *, json_out: bool = False, pages: int | None = None,
+              repeat: int = 5) -> int:
+    results: dict = {}
+    if what in ("startup", "all"):
+        results["startup"] = bench_startup(repeat)
+    if what in ("fault", "access", "all"):
+        topo = Topology.symmetric(nodes=2, frames_per_node=max(16384, 2 * (pages or 0)),
+                                  cpus_per_node=1)
+        with Cluster(topo) as cluster:
+            if what in ("fault", "all"):
+                results["fault"] = bench_fault(cluster, repeat, pages)
+            if what in ("access", "all"):
+                results["access"] = bench_access(cluster, repeat)
+    if json_out:
+        print(json.dumps(results, indent=2))
+        return 0
+    for section, figures in results.items():
+        print(f"[{section}]")
+        for key, value in figures.items():
+            target = TARGETS.get(key)
+            note = f"   (target {target[0]} {target[1]})" if target else ""
+            print(f"  {key:<28} {value:>12.3f}{note}" if isinstance(value, float)
+                  else f"  {key:<28} {value:>12}{note}")
+    return 0
