@@ -1,0 +1,139 @@
+"""The numaemu command line, run as a user runs it (subprocesses against a detached cluster)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import cluster_is_gone
+
+
+def numaemu(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "numaemu", *args], capture_output=True,
+                          text=True, env=env or dict(os.environ), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def detached():
+    """``numaemu up --detach`` with 2 nodes; ``numaemu down`` at the end."""
+    up = numaemu("up", "--detach", "--nodes", "2", "--frames-per-node", "512",
+                 "--cpus-per-node", "2")
+    assert up.returncode == 0, up.stderr
+    address = up.stdout.strip()
+    assert address.startswith("ipc://")
+    env = dict(os.environ, NUMAEMU_ADDRESS=address)
+    cid = os.path.basename(os.path.dirname(address.removeprefix("ipc://")))
+    yield env
+    down = numaemu("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert "stopped" in down.stdout
+    assert cluster_is_gone(cid)
+
+
+def test_hardware_prints_numactl_layout(detached):
+    out = numaemu("hardware", env=detached)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "available: 2 nodes (0-1)"
+    assert "node 0 cpus: 0 1" in lines
+    assert "node 1 size: 2 MB" in lines
+    assert lines[-3:] == ["node     0    1 ", "   0:   10   21 ", "   1:   21   10 "]
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, numaemu
+    task = numaemu.attach()
+    m = task.mmap(8 * task.page_size)
+    task.write(m.addr, bytes(m.length))
+    print(task.pid, task.cpu, task.get_mempolicy()[0], *task.move_pages(m.pages))
+    sys.stdout.flush()
+    if len(sys.argv) > 1:
+        sys.stdin.readline()   # stay attached until the test is done looking
+""")
+
+
+def test_run_applies_cpu_binding_and_memory_policy(detached, tmp_path):
+    script = tmp_path / "place.py"
+    script.write_text(SCRIPT)
+    out = numaemu("run", "--cpunodebind=1", "--membind=0", "--", sys.executable, str(script),
+                  env=detached)
+    assert out.returncode == 0, out.stderr
+    pid, cpu, mode, *nodes = map(int, out.stdout.split())
+    assert cpu in (2, 3) and mode == 2 and nodes == [0] * 8
+    out = numaemu("run", "--physcpubind=3", "--interleave=all", "--", sys.executable,
+                  str(script), env=detached)
+    pid, cpu, mode, *nodes = map(int, out.stdout.split())
+    assert cpu == 3 and mode == 3 and sorted(nodes) == [0] * 4 + [1] * 4
+
+
+def test_run_rejects_conflicting_policies_and_bad_node_lists(detached):
+    out = numaemu("run", "--membind=0", "--preferred=1", "--", "true", env=detached)
+    assert out.returncode == 1 and "Conflicting policies" in out.stderr
+    out = numaemu("run", "--membind=7", "--", "true", env=detached)
+    assert out.returncode == 1 and "invalid" in out.stderr
+
+
+def test_numa_maps_numastat_and_tasks_show_a_running_task(detached, tmp_path):
+    script = tmp_path / "stay.py"
+    script.write_text(SCRIPT)
+    env = dict(detached)
+    proc = subprocess.Popen([sys.executable, "-m", "numaemu", "run", "--preferred=1", "--",
+                             sys.executable, str(script), "stay"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pid = int(proc.stdout.readline().split()[0])
+        assert pid == proc.pid  # `numaemu run` execs, and the task takes the OS pid
+        maps = numaemu("numa-maps", str(pid), env=env)
+        assert maps.returncode == 0, maps.stderr
+        assert "prefer:1 anon=8 dirty=8" in maps.stdout and "N1=8" in maps.stdout
+        tasks = numaemu("tasks", env=env)
+        assert str(pid) in tasks.stdout
+        stat = numaemu("numastat", env=env)
+        assert stat.stdout.splitlines()[0].split() == ["node0", "node1"]
+        assert stat.stdout.splitlines()[1].startswith("numa_hit")
+        per = numaemu("numastat", "-p", str(pid), env=env)
+        assert per.returncode == 0, per.stderr
+        assert f"for PID {pid}" in per.stdout
+        private = [line for line in per.stdout.splitlines() if line.startswith("Private")][0]
+        assert private.split()[1:] == ["0.00", "0.03", "0.03"]
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+
+
+def test_commands_fail_cleanly_without_a_cluster(tmp_path):
+    env = dict(os.environ, NUMAEMU_RUN_DIR=str(tmp_path))
+    env.pop("NUMAEMU_ADDRESS", None)
+    out = numaemu("hardware", env=env)
+    assert out.returncode == 1 and "no cluster is running" in out.stderr
+    out = numaemu("numa-maps", "12345", env=dict(env, NUMAEMU_ADDRESS=f"ipc://{tmp_path}/x"))
+    assert out.returncode == 1 and "no coordinator answers" in out.stderr
+
+
+def test_unknown_pid_is_esrch(detached):
+    out = numaemu("numa-maps", "999999", env=detached)
+    assert out.returncode == 1 and "ESRCH" in out.stderr
+
+
+def test_up_rejects_a_bad_topology():
+    out = numaemu("up", "--distance", "10,21;9,10", "--detach")
+    assert out.returncode == 1 and "distance" in out.stderr
+
+
+def test_demo_runs_end_to_end():
+    out = numaemu("demo", "--quick", timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line[:44].strip(): line[44:].split() for line in out.stdout.splitlines()
+            if line.startswith("  ") and "%" in line}
+    # columns: cpu node, pages on N0, pages on N1, local share, virtual ns per page
+    assert rows["first touch from a CPU of node 0"][:4] == ["0", "32", "0", "100%"]
+    assert rows["first touch from CPU 2 (node 1)"][:4] == ["1", "0", "32", "100%"]
+    assert rows["set_mempolicy(MPOL_BIND, {1}) on node 0"][:4] == ["0", "0", "32", "0%"]
+    assert rows["mbind(MPOL_INTERLEAVE, {0,1})"][:4] == ["0", "16", "16", "50%"]
+    assert float(rows["set_mempolicy(MPOL_BIND, {1}) on node 0"][4]) > float(
+        rows["first touch from a CPU of node 0"][4])
+    assert "interleave:0-1" in out.stdout
+    assert "no process or segment left" in out.stdout
