@@ -11,7 +11,7 @@ import pytest
 from conftest import cluster_is_gone
 
 
-def numaemu(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def numaemu(*args: str, env: dict | None = None, timeout: float = 60):
     return subprocess.run([sys.executable, "-m", "numaemu", *args], capture_output=True,
                           text=True, env=env or dict(os.environ), timeout=timeout)
 
