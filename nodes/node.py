@@ -117,6 +117,7 @@ class Node:
             "read_frames": self.read_frames,
             "write_frames": self.write_frames,
             "lru_state": self.lru_state,
+            "free_map": self.free_map,
             "node_stats": self.node_stats,
             "ping": lambda req: {},
         }
@@ -175,6 +176,10 @@ class Node:
     def lru_state(self, req: P.LruState) -> dict:
         self._check_pfns(req.pfns)
         return {"state": self.lru[req.pfns].astype(P.PROT)}
+
+    def free_map(self, req: P.FreeMap) -> dict:
+        return {"bits": np.packbits(self.allocator.free_map).tobytes(),
+                "nr_free": self.allocator.nr_free}
 
     def node_stats(self, req: P.NodeStats) -> dict:
         return {

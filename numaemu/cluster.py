@@ -193,6 +193,10 @@ class Cluster:
         nodes = self._call("numastat")["nodes"]
         return {int(n): s["free"] for n, s in nodes.items()}
 
+    def check(self) -> list[str]:
+        """Invariant violations found by the coordinator (empty when all hold); use at rest."""
+        return self._call("check")["problems"]
+
     def processes(self) -> dict[str, int]:
         """OS pids of the cluster's own processes (supervisor, coordinator, nodes)."""
         from .rundir import read_state

@@ -322,6 +322,11 @@ class Tasks:
     pass
 
 
+@request("check")
+class Check:
+    """Verify the coordinator's invariants against the nodes (ARCHITECTURE.md 1, 3)."""
+
+
 @request("shutdown")
 class Shutdown:
     pass
@@ -399,6 +404,11 @@ class WriteFrames:
 @request("lru_state")
 class LruState:
     pfns: PfnArray
+
+
+@request("free_map")
+class FreeMap:
+    """The node's free bitmap (np.packbits), for invariant checks."""
 
 
 @request("node_stats")

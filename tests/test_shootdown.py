@@ -114,3 +114,30 @@ def test_numaemu_exports_the_api_names():
     for name in ("Cluster", "Topology", "Task", "Mapping", "NumaError", "ClusterError",
                  "attach", "parse_nodes", "MPOL_BIND", "MPOL_MF_MOVE_ALL", "PAGE_SIZE"):
         assert hasattr(numaemu, name)
+
+
+def test_invariants_hold_after_mixed_activity(cluster, tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(3 * 4096))
+    a = cluster.attach(cpu=0)
+    b = cluster.attach(cpu=3)
+    try:
+        m1 = a.mmap(40 * 4096)
+        a.write(m1.addr, bytes(m1.length))
+        a.munmap(m1.addr + 8 * 4096, 8 * 4096)
+        s1, s2 = a.mmap(2 * 4096, shared="inv"), b.mmap(2 * 4096, shared="inv")
+        a.write(s1.addr, b"x")
+        b.read(s2.addr, 2 * 4096)
+        f1, f2 = a.mmap(3 * 4096, file=path), b.mmap(3 * 4096, file=path)
+        b.write(f2.addr + 4096, b"y")
+        a.read(f1.addr, 3 * 4096)
+        a.msync(f1.addr, f1.length)
+        assert cluster.check() == []
+        a.munmap(s1.addr, s1.length)
+        a.shm_unlink("inv")
+        b.close()
+        assert cluster.check() == []
+    finally:
+        a.close()
+        b.close()
+    assert cluster.check() == []
