@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from numaemu import protocol as P
-from numaemu.constants import GetFlag, Mode, MoveFlag
+from numaemu.constants import MPOL_MODE_FLAGS, GetFlag, Mode, MoveFlag
 from numaemu.errors import NumaError
 
 from . import filemap, procfs
@@ -58,6 +58,7 @@ class Syscalls:
             "numa_maps": self.numa_maps,
             "numastat": self.numastat,
             "tasks": self.tasks,
+            "check": self.check,
             "shutdown": self.shutdown,
         }
 
@@ -148,6 +149,12 @@ class Syscalls:
     # -- memory policy ---------------------------------------------------------
     async def set_mempolicy(self, req: P.SetMempolicy) -> dict:
         task = self.k.task(req.pid)
+        # ``flags`` may only carry mode flags: OR-ing anything else into the mode would turn
+        # e.g. BIND|1 into INTERLEAVE silently (the kernel has one mode argument, no flags).
+        if req.flags & ~MPOL_MODE_FLAGS:
+            raise NumaError(errno.EINVAL, f"set_mempolicy: flags {req.flags:#x} hold bits "
+                                          "other than MPOL_F_STATIC_NODES|RELATIVE_NODES|"
+                                          "NUMA_BALANCING")
         policy = new_policy(req.mode | req.flags, req.nodes, node_set=self.k.node_set)
         task.policy = policy
         task.il_count = 0  # the interleave counter restarts at the lowest node
@@ -190,7 +197,7 @@ class Syscalls:
         # Kernel order: mode flags, nodemask copy, mbind flags, privilege, range, len == 0,
         # then the mode-versus-nodes rules and the node-set intersection (new_policy).
         sanitize_mode_flags(req.mode, for_mbind=True)
-        read_nodes(req.nodes, for_mbind=True)
+        user_nodes = read_nodes(req.nodes, for_mbind=True)
         check_mbind_flags(req.flags)
         if req.flags & MoveFlag.MOVE_ALL and not task.privileged:
             raise NumaError(errno.EPERM, "MPOL_MF_MOVE_ALL needs CAP_SYS_NICE (privileged=True)")
@@ -208,7 +215,9 @@ class Syscalls:
             if not vmas or (policy is not None and not task.covered(start, end)):
                 raise NumaError(errno.EFAULT, "the range has unmapped holes")
             if strict:
-                allowed = set(policy.nodes) if policy.mode != Mode.LOCAL else set()
+                # queue_pages_range judges pages by the caller's nodemask, not the effective
+                # nodes: PREFERRED {0,1} keeps only node 0 but a page on node 1 is no failure.
+                allowed = set(user_nodes)
                 for vma in vmas:
                     lo, hi = max(start, vma.start) - vma.start, min(end, vma.end) - vma.start
                     ptes = vma.pte[lo:hi]
@@ -283,6 +292,11 @@ class Syscalls:
     async def numastat(self, req: P.Numastat) -> dict:
         stats = await procfs.node_stats(self.k)
         return {"nodes": {str(n): s for n, s in stats.items()}}
+
+    async def check(self, req: P.Check) -> dict:
+        from .invariants import check
+
+        return {"problems": await check(self.k)}
 
     async def tasks(self, req: P.Tasks) -> dict:
         return {"tasks": [{"pid": t.pid, "os_pid": t.os_pid, "host": t.host, "cpu": t.cpu,
