@@ -63,10 +63,25 @@ class Cluster:
         self.run_dir: str | None = None
         self.log_path: str | None = None
         self._proc: subprocess.Popen | None = None
+        self._owned = start
         self._tasks: list[Task] = []
         self._handles: list[ClientHandle] = []
         if start:
             self.start()
+
+    @classmethod
+    def connect(cls, address: str | None = None) -> Cluster:
+        """A handle on a cluster that is already running (``numaemu up``); ``stop()`` only
+        closes what this handle attached or spawned, the cluster keeps running."""
+        address = address or os.environ.get("NUMAEMU_ADDRESS")
+        if not address:
+            raise ClusterError("no cluster address: pass one or set NUMAEMU_ADDRESS")
+        with Connection(address) as conn:
+            info = conn.call("info")
+        cluster = cls(Topology.from_dict(info["topology"]), start=False)
+        cluster.address = address
+        cluster.cluster_id = info["cluster_id"]
+        return cluster
 
     @property
     def page_size(self) -> int:
@@ -76,6 +91,7 @@ class Cluster:
         """Start the supervisor, which starts the coordinator and nodes; wait until ready."""
         if self._proc is not None:
             return
+        self._owned = True
         cmd = [sys.executable, "-m", "numaemu.supervisor",
                "--topology", json.dumps(self.topology.to_dict()),
                "--log-level", self.log_level, "--watch-stdin"]
@@ -146,7 +162,7 @@ class Cluster:
         self.stop()
 
     def __del__(self) -> None:
-        if getattr(self, "_proc", None) is not None:
+        if getattr(self, "_proc", None) is not None or getattr(self, "_tasks", None):
             try:
                 self.stop()
             except Exception:
@@ -154,7 +170,7 @@ class Cluster:
 
     # -- using it ------------------------------------------------------------------
     def _require(self) -> str:
-        if self.address is None or self._proc is None:
+        if self.address is None or (self._owned and self._proc is None):
             raise ClusterError("the cluster is not running")
         return self.address
 
