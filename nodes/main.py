@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coordinator", required=True, help="the cluster's address")
     parser.add_argument("--node", type=int, required=True)
     parser.add_argument("--data-endpoint", default=None,
-                        help="where this node serves frame reads/writes (default: tcp, any port)")
+                        help="where this node serves frame reads/writes "
+                        "(default: tcp, any free port)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     with Connection(args.coordinator) as conn:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                                  level=args.log_level)
     topo = info["topology"]
     frames = topo["frames_per_node"][args.node]
-    data = args.data_endpoint or info["endpoints"]["node_data"].format(node=args.node)
+    data = args.data_endpoint or "tcp://*:*"
     logging.getLogger("numaemu.node").info("node %d joining %s", args.node, args.coordinator)
     run_node(args.node, info["endpoints"]["nodes"], info["cluster_id"], frames,
              topo["page_size"], data)

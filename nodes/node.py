@@ -227,6 +227,7 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str) -> 
     data = ctx.socket(zmq.ROUTER)
     data.setsockopt(zmq.LINGER, 0)
     data.bind(data_endpoint)
+    data_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port of "tcp://h:*"
     stop = []
     # SIGINT is left alone: under ``numaemu up`` Ctrl-C reaches the whole process group, and
     # the coordinator needs its nodes alive to write dirty pages back before it stops them.

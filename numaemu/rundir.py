@@ -58,17 +58,19 @@ class RunDir:
         return cls(cid, path, listen)
 
     def endpoints(self) -> dict[str, str]:
-        """Bind addresses of the cluster's sockets (``node_data`` has a ``{node}`` slot)."""
+        """Bind addresses of the cluster's sockets: rpc, tlb, nodes, log."""
+        names = ("rpc", "tlb", "nodes", "log")
         if self.listen:
             host, port = self.listen.removeprefix("tcp://").rsplit(":", 1)
-            port = int(port)
-            names = ("rpc", "tlb", "nodes", "log")
-            eps = {name: f"tcp://{host}:{port + i}" for i, name in enumerate(names)}
-            eps["node_data"] = f"tcp://{host}:{port + 10}{{node}}"
-            return eps
-        eps = {name: f"ipc://{self.path}/{name}.sock" for name in ("rpc", "tlb", "nodes", "log")}
-        eps["node_data"] = f"ipc://{self.path}/node{{node}}-data.sock"
-        return eps
+            return {name: f"tcp://{host}:{int(port) + i}" for i, name in enumerate(names)}
+        return {name: f"ipc://{self.path}/{name}.sock" for name in names}
+
+    def node_data_endpoint(self, node: int) -> str:
+        """Where node ``node`` serves frame reads/writes (tcp: any free port)."""
+        if self.listen:
+            host = self.listen.removeprefix("tcp://").rsplit(":", 1)[0]
+            return f"tcp://{host}:*"
+        return f"ipc://{self.path}/node{node}-data.sock"
 
     @property
     def log_path(self) -> str:

@@ -106,7 +106,7 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
                 target=_node_main, name=f"numaemu-node{node}",
                 args=(node, endpoints["nodes"], run.cluster_id,
                       topology.frames_per_node[node], topology.page_size,
-                      endpoints["node_data"].format(node=node)))
+                      run.node_data_endpoint(node)))
             procs[f"node{node}"].start()
         # Only now may this process create zmq sockets and threads.
         collector = numaemu_log.Collector(endpoints["log"])

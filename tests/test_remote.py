@@ -1,0 +1,97 @@
+"""tcp:// endpoints, and nodes that join a coordinator by hand (as on another host)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from conftest import cluster_is_gone, small_topology
+from test_lifecycle import wait_until
+
+import numaemu
+from nodes.segment import cluster_segments
+
+
+def free_port_block(n: int = 4) -> int:
+    """A base port with ``n`` consecutive free ports."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port block")
+
+
+def test_a_cluster_served_over_tcp_works_end_to_end():
+    port = free_port_block()
+    with numaemu.Cluster(small_topology(frames=256), listen=f"tcp://127.0.0.1:{port}") as c:
+        assert c.address == f"tcp://127.0.0.1:{port}"
+        t = c.attach(cpu=2)
+        m = t.mmap(4 * 4096)
+        t.write(m.addr, b"over tcp" * 2048)
+        assert t.read(m.addr + 8, 8) == b"over tcp"
+        assert t.move_pages(m.pages) == [1, 1, 1, 1]
+    assert cluster_is_gone(c.cluster_id)
+
+
+def test_nodes_started_by_hand_join_a_standalone_coordinator(tmp_path):
+    port = free_port_block()
+    topo = tmp_path / "topo.json"
+    topo.write_text(json.dumps(small_topology(frames=128).to_dict()))
+    coord = subprocess.Popen([sys.executable, "-m", "coordinator", "--topology", str(topo),
+                              "--listen", f"tcp://127.0.0.1:{port}", "--log-level", "WARNING"],
+                             stdout=subprocess.PIPE, text=True)
+    nodes = []
+    ready = {"cluster_id": "none"}
+    try:
+        ready = json.loads(coord.stdout.readline())
+        address = ready["address"]
+        for n in (0, 1):
+            nodes.append(subprocess.Popen(
+                [sys.executable, "-m", "numaemu", "--address", address, "node", "--node",
+                 str(n), "--log-level", "WARNING"]))
+        info = {}
+
+        def registered():
+            with numaemu.transport.Connection(address) as conn:
+                info.update(conn.call("info"))
+            return len(info["segments"]) == 2
+
+        assert wait_until(registered, 30, step=0.2)
+        task = numaemu.attach(address, cpu=0)
+        m = task.mmap(3 * 4096)
+        task.mbind(m.addr, m.length, numaemu.MPOL_INTERLEAVE, [0, 1])
+        task.write(m.addr, bytes(range(256)) * 48)
+        assert task.read(m.addr + 4096, 4) == bytes([0, 1, 2, 3])
+        where = task.move_pages(m.pages)
+        assert where in ([0, 1, 0], [1, 0, 1])
+        task.close()
+        coord.send_signal(signal.SIGTERM)  # tells the nodes to exit before it goes
+        assert coord.wait(15) == 0
+        for p in nodes:
+            assert p.wait(15) == 0
+        assert not cluster_segments(ready["cluster_id"])
+    finally:
+        for p in [coord, *nodes]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for seg in cluster_segments(ready["cluster_id"]):
+            os.unlink(seg)
