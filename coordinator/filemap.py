@@ -41,7 +41,10 @@ class SharedObject:
     npages: int
     size: int  # bytes (file size for files)
     cache: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    policy: MemPolicy | None = None  # shared policy (mbind on a shm mapping)
+    # Shared policy (mbind on a shm mapping) as sorted, disjoint (first index, end index,
+    # policy) ranges: the kernel keeps it per page range of the object (struct shared_policy),
+    # so an mbind of part of a mapping must not change the policy of the rest.
+    policies: list = field(default_factory=list)
     unlinked: bool = False
     maps: int = 0  # number of VMAs mapping it
     tree_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -51,6 +54,38 @@ class SharedObject:
             self.cache = np.concatenate((self.cache,
                                          np.zeros(npages - len(self.cache), dtype=np.int64)))
         self.npages = max(self.npages, npages)
+
+    def set_policy(self, start: int, end: int, policy: MemPolicy | None) -> None:
+        """mpol_set_shared_policy: page indices ``[start, end)`` get ``policy`` (None clears)."""
+        kept = []
+        for s, e, p in self.policies:
+            if s < start:
+                kept.append((s, min(e, start), p))
+            if e > end:
+                kept.append((max(s, end), e, p))
+        if policy is not None:
+            kept.append((start, end, policy))
+        self.policies = sorted(kept, key=lambda r: r[0])
+
+    def policy_at(self, index: int) -> MemPolicy | None:
+        """The shared policy of page ``index`` (mpol_shared_policy_lookup), or None."""
+        for s, e, p in self.policies:
+            if s <= index < e:
+                return p
+        return None
+
+    def policy_groups(self, idx: np.ndarray) -> list:
+        """``(mask over idx, policy or None)`` for each shared policy the pages ``idx`` use."""
+        rest = np.ones(len(idx), dtype=bool)
+        groups = []
+        for s, e, p in self.policies:
+            sel = (idx >= s) & (idx < e)
+            if sel.any():
+                groups.append((sel, p))
+                rest &= ~sel
+        if rest.any():
+            groups.append((rest, None))
+        return groups
 
     @property
     def path_text(self) -> str:
@@ -127,27 +162,44 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
     every mapping and flush those TLBs (clear_page_dirty_for_io: a store after this
     faults and re-dirties the page), set writeback, unlock, do the I/O, end writeback.
     """
-    from .shootdown import flush_tlb
-
     if obj.kind != "file":
         return 0
-    cache = obj.cache[: obj.npages]
     if indices is None:
-        indices = np.flatnonzero(cache)
-    indices = indices[(indices < min(obj.npages, -(-obj.size // kernel.page_size)))]
-    indices = indices[cache[indices] != 0]
+        indices = np.flatnonzero(obj.cache[: obj.npages])
+    written = 0
+    while len(indices):
+        indices = indices[indices < min(obj.npages, -(-obj.size // kernel.page_size))]
+        entries = obj.cache[indices]
+        keep = entries != 0
+        indices, entries = indices[keep], entries[keep]
+        nodes, pfns = pte_node(entries), pte_pfn(entries)
+        dirty = np.zeros(len(indices), dtype=bool)
+        for n in np.unique(nodes).tolist():
+            sel = nodes == n
+            dirty[sel] = (kernel.tables[n].flags[pfns[sel]] & PageFlag.DIRTY) != 0
+        indices, entries, nodes, pfns = indices[dirty], entries[dirty], nodes[dirty], pfns[dirty]
+        if len(indices) == 0:
+            break
+        await lock_pages(kernel, nodes, pfns)
+        # A page may have been migrated (or dropped) while we slept on its lock: the cache
+        # slot no longer holds it.  Unlock those and look their slots up again.
+        moved = obj.cache[indices] != entries
+        for n in np.unique(nodes[moved]).tolist():
+            kernel.locks.unlock(n, pfns[moved & (nodes == n)])
+        retry = indices[moved]
+        ok = ~moved
+        indices, nodes, pfns = indices[ok], nodes[ok], pfns[ok]
+        written += await _writeback_locked(kernel, obj, indices, nodes, pfns)
+        indices = retry
+    return written
+
+
+async def _writeback_locked(kernel, obj: SharedObject, indices, nodes, pfns) -> int:
+    """Write back locked dirty pages: write-protect, flag writeback, unlock, write, end."""
+    from .shootdown import flush_tlb
+
     if len(indices) == 0:
         return 0
-    entries = cache[indices]
-    nodes, pfns = pte_node(entries), pte_pfn(entries)
-    dirty = np.zeros(len(indices), dtype=bool)
-    for n in np.unique(nodes).tolist():
-        sel = nodes == n
-        dirty[sel] = (kernel.tables[n].flags[pfns[sel]] & PageFlag.DIRTY) != 0
-    indices, nodes, pfns = indices[dirty], nodes[dirty], pfns[dirty]
-    if len(indices) == 0:
-        return 0
-    await lock_pages(kernel, nodes, pfns)
     try:
         # clear_page_dirty_for_io: write-protect every mapping, then flush their TLBs.
         targets: dict = {}
@@ -155,7 +207,8 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
             offs = indices - vma.pgoff
             inside = (offs >= 0) & (offs < vma.end - vma.start)
             offs = offs[inside]
-            writable = (vma.pte[offs] & PTE_WRITE) != 0
+            ptes = vma.pte[offs]
+            writable = ((ptes & PTE_WRITE) != 0) & ((ptes & PTE_PRESENT) != 0)
             offs = offs[writable]
             if len(offs):
                 vma.pte[offs] &= ~PTE_WRITE
@@ -164,7 +217,7 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
         for n in np.unique(nodes).tolist():
             table = kernel.tables[n]
             sel = pfns[nodes == n]
-            table.flags[sel] = (table.flags[sel] & ~np.uint32(PageFlag.DIRTY)) | PageFlag.WRITEBACK
+            table.flags[sel] = (table.flags[sel] & ~int(PageFlag.DIRTY)) | PageFlag.WRITEBACK
     finally:
         for n in np.unique(nodes).tolist():
             kernel.locks.unlock(n, pfns[nodes == n])
@@ -172,7 +225,7 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
         await _write_pages(kernel, obj, indices, nodes, pfns)
     finally:
         for n in np.unique(nodes).tolist():
-            kernel.tables[n].flags[pfns[nodes == n]] &= ~np.uint32(PageFlag.WRITEBACK)
+            kernel.locks.end_writeback(n, pfns[nodes == n])
     return len(indices)
 
 

@@ -46,8 +46,8 @@ WAIT_TIMEOUT = 60.0
 class _Retry(Exception):
     """Some page was locked (being filled or migrated): wait on it, then redo the fault."""
 
-    def __init__(self, node: int, pfn: int) -> None:
-        self.node, self.pfn = node, pfn
+    def __init__(self, node: int, pfn: int, migration: bool = False) -> None:
+        self.node, self.pfn, self.migration = node, pfn, migration
 
 
 async def handle_fault(kernel, task: Task, vpns: np.ndarray, write: bool):
@@ -59,7 +59,7 @@ async def handle_fault(kernel, task: Task, vpns: np.ndarray, write: bool):
             try:
                 return (vpns, *await _fault_once(kernel, task, vpns, write), waits)
             except _Retry as wait:
-                waits += 1
+                waits += wait.migration  # task.stats()["migration_waits"]
                 await kernel.locks.wait_on_page_locked(wait.node, wait.pfn, WAIT_TIMEOUT)
 
 
@@ -93,7 +93,16 @@ def _wait_for_migration(ptes: np.ndarray) -> None:
     migrating = np.flatnonzero((ptes & PTE_MIGRATION) != 0)
     if len(migrating):
         entry = ptes[migrating[:1]]
-        raise _Retry(int(pte_node(entry)[0]), int(pte_pfn(entry)[0]))
+        raise _Retry(int(pte_node(entry)[0]), int(pte_pfn(entry)[0]), migration=True)
+
+
+def _wait_if_locked(kernel, ptes: np.ndarray) -> None:
+    nodes, pfns = pte_node(ptes), pte_pfn(ptes)
+    for n in np.unique(nodes).tolist():
+        sel = pfns[nodes == n]
+        locked = (kernel.tables[n].flags[sel] & PageFlag.LOCKED) != 0
+        if locked.any():
+            raise _Retry(n, int(sel[np.flatnonzero(locked)[0]]))
 
 
 async def fault_anon(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bool) -> np.ndarray:
@@ -143,6 +152,11 @@ async def fault_shared(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bo
                                           f"{obj.name} (SIGBUS)")
     ptes = vma.pte[offs]
     _wait_for_migration(ptes)
+    if write:
+        # page_mkwrite runs under the page lock: a page whose mappings writeback is
+        # write-protecting (clear_page_dirty_for_io) must not be made writable and dirty
+        # meanwhile, or writeback would clear the new dirty bit and lose the store.
+        _wait_if_locked(kernel, ptes[(ptes & PTE_PRESENT) != 0])
     missing = ptes == 0
     if missing.any():
         entries = await find_or_create_pages(kernel, task, vma, idx[missing])
@@ -175,18 +189,14 @@ async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) ->
     if absent.any():
         new_idx = idx[absent]
         if obj.kind == "shm":
-            # shmem: the shared policy, else the task policy; interleave index biased by the
-            # object id (the kernel uses the inode number).
-            policy = obj.policy if obj.policy is not None else task.policy
-            ilx = new_idx + obj.oid
+            nodes, pfns = await _alloc_shm_pages(kernel, task, obj, new_idx)
         else:
             # Page cache of a file follows the allocating task's policy, counter-based.
-            policy = task.policy
             ilx = task.il_count + np.arange(len(new_idx), dtype=np.int64)
             task.il_count += len(new_idx)
-        nodes, pfns = await kernel.alloc_pages(
-            policy, kernel.cpu_node(task), ilx, flags=PageFlag.LRU | PageFlag.LOCKED,
-            mapping=obj.oid, index=new_idx, owner=0, zero=obj.kind == "shm")
+            nodes, pfns = await kernel.alloc_pages(
+                task.policy, kernel.cpu_node(task), ilx, flags=PageFlag.LRU | PageFlag.LOCKED,
+                mapping=obj.oid, index=new_idx, owner=0, zero=False)
         # Someone may have inserted some of these pages while we allocated.
         raced = obj.cache[new_idx] != 0
         ours = ~raced
@@ -220,6 +230,30 @@ async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) ->
         if locked.any():
             raise _Retry(n, int(pfns[sel[np.flatnonzero(locked)[0]]]))
     return entries
+
+
+async def _alloc_shm_pages(kernel, task: Task, obj, idx: np.ndarray):
+    """shmem pages ``idx``: each by the shared policy of its range, else the task policy.
+
+    One allocation per policy in use (the shared policy is per page range, so one fault may
+    span several); the interleave index is biased by the object id (the kernel uses the
+    inode number). If a later group fails, the frames of the earlier ones are given back.
+    """
+    nodes = np.zeros(len(idx), dtype=np.int16)
+    pfns = np.zeros(len(idx), dtype=np.int64)
+    done = np.zeros(len(idx), dtype=bool)
+    try:
+        for sel, shared in obj.policy_groups(idx):
+            policy = shared if shared is not None else task.policy
+            nodes[sel], pfns[sel] = await kernel.alloc_pages(
+                policy, kernel.cpu_node(task), idx[sel] + obj.oid,
+                flags=PageFlag.LRU | PageFlag.LOCKED, mapping=obj.oid, index=idx[sel], owner=0)
+            done[sel] = True
+    except BaseException:
+        for n in np.unique(nodes[done]).tolist():
+            await kernel.free_frames(n, pfns[done & (nodes == n)])
+        raise
+    return nodes, pfns
 
 
 async def zap_vma(kernel, vma: Vma) -> None:

@@ -92,11 +92,11 @@ class FrameTable:
 
 
 class PageLocks:
-    """PG_locked wait queues: futures keyed by (node, pfn)."""
+    """PG_locked and PG_writeback wait queues: futures keyed by (bit, node, pfn)."""
 
     def __init__(self, tables: list[FrameTable]) -> None:
         self.tables = tables
-        self.waiters: dict[tuple[int, int], list[asyncio.Future]] = defaultdict(list)
+        self.waiters: dict[tuple[int, int, int], list[asyncio.Future]] = defaultdict(list)
 
     def trylock(self, node: int, pfns: np.ndarray) -> np.ndarray:
         """Lock the pages that are unlocked; return the mask of those taken."""
@@ -107,25 +107,41 @@ class PageLocks:
 
     def unlock(self, node: int, pfns: np.ndarray) -> None:
         """Unlock and wake everyone waiting on these pages (seed step 19)."""
-        self.tables[node].flags[pfns] &= ~int(PageFlag.LOCKED)
+        self._clear_and_wake(PageFlag.LOCKED, node, pfns)
+
+    def end_writeback(self, node: int, pfns: np.ndarray) -> None:
+        """Writeback finished: wake those waiting for it (migration step 2)."""
+        self._clear_and_wake(PageFlag.WRITEBACK, node, pfns)
+
+    def _clear_and_wake(self, bit: int, node: int, pfns: np.ndarray) -> None:
+        self.tables[node].flags[pfns] &= ~int(bit)
         if not self.waiters:
             return
         for pfn in pfns.tolist():
-            for fut in self.waiters.pop((node, pfn), ()):
+            for fut in self.waiters.pop((int(bit), node, pfn), ()):
                 if not fut.done():
                     fut.set_result(None)
 
     async def wait_on_page_locked(self, node: int, pfn: int, timeout: float | None = None) -> None:
         """Sleep until the page is unlocked; takes no page reference (migration_entry_wait)."""
-        if not self.tables[node].flags[pfn] & PageFlag.LOCKED:
+        await self._wait(PageFlag.LOCKED, node, pfn, timeout)
+
+    async def wait_on_page_writeback(self, node: int, pfn: int,
+                                     timeout: float | None = None) -> None:
+        """Sleep until writeback of the page has ended."""
+        await self._wait(PageFlag.WRITEBACK, node, pfn, timeout)
+
+    async def _wait(self, bit: int, node: int, pfn: int, timeout: float | None) -> None:
+        if not self.tables[node].flags[pfn] & bit:
             return
+        key = (int(bit), node, pfn)
         fut = asyncio.get_running_loop().create_future()
-        self.waiters[(node, pfn)].append(fut)
+        self.waiters[key].append(fut)
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
-            queue = self.waiters.get((node, pfn))
+            queue = self.waiters.get(key)
             if queue is not None and fut in queue:
                 queue.remove(fut)
                 if not queue:
-                    del self.waiters[(node, pfn)]
+                    del self.waiters[key]

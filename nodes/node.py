@@ -110,6 +110,8 @@ class Node:
         self.allocator = FrameAllocator(segment.frames)
         self.lru = np.zeros(segment.frames, dtype=np.uint8)
         self.numastat = dict.fromkeys(NUMASTAT_KEYS, 0)
+        self.sources: dict[str, Segment] = {}  # other nodes' segments, mapped for copy_in
+        self.injected: dict[str, int] = {}
         self.handlers: dict[str, Callable] = {
             "alloc": self.alloc,
             "free": self.free,
@@ -118,6 +120,10 @@ class Node:
             "write_frames": self.write_frames,
             "lru_state": self.lru_state,
             "free_map": self.free_map,
+            "isolate": self.isolate,
+            "putback": self.putback,
+            "copy_in": self.copy_in,
+            "inject": self.inject,
             "node_stats": self.node_stats,
             "ping": lambda req: {},
         }
@@ -177,6 +183,75 @@ class Node:
         self._check_pfns(req.pfns)
         return {"state": self.lru[req.pfns].astype(P.PROT)}
 
+    def isolate(self, req: P.Isolate) -> dict:
+        self._check_pfns(req.pfns)
+        on_lru = self.lru[req.pfns] != LRU_NONE
+        self.lru[req.pfns] = LRU_NONE
+        return {"isolated": on_lru.astype(P.PROT)}
+
+    def putback(self, req: P.Putback) -> dict:
+        self._check_pfns(req.pfns)
+        if len(req.active) != len(req.pfns):
+            raise ProtocolError("active must have one entry per frame")
+        self.lru[req.pfns] = np.where(req.active != 0, LRU_ACTIVE, LRU_INACTIVE)
+        return {}
+
+    def copy_in(self, req: P.CopyIn) -> dict:
+        """Seed step 12: copy contents from the source node, as slice copies of common runs."""
+        self._check_pfns(req.dst_pfns)
+        if len(req.src_pfns) != len(req.dst_pfns):
+            raise ProtocolError("src_pfns and dst_pfns differ in length")
+        if len(req.dst_pfns) == 0:
+            return {}
+        src = self._source(req)
+        dst = self.frames
+        s, d = req.src_pfns.astype(np.int64), req.dst_pfns.astype(np.int64)
+        if src is None:  # another host: fetch the contents from the source's data service
+            dst[d] = np.frombuffer(self._fetch(req), dtype=np.uint8).reshape(len(d), -1)
+            return {}
+        if s.max() >= len(src) or s.min() < 0:
+            raise ProtocolError("source frame number out of range")
+        breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [len(s)])).tolist()
+        for a, b in zip(starts, ends):
+            s0, d0 = int(s[a]), int(d[a])
+            dst[d0 : d0 + b - a] = src[s0 : s0 + b - a]
+        return {}
+
+    def _source(self, req: P.CopyIn):
+        seg = self.sources.get(req.src_path)
+        if seg is None:
+            try:
+                size = os.stat(req.src_path).st_size
+            except OSError:
+                return None
+            seg = Segment(req.src_path, size // self.segment.page_size,
+                          self.segment.page_size, create=False)
+            self.sources[req.src_path] = seg
+        return seg.array
+
+    def _fetch(self, req: P.CopyIn) -> bytes:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(req.src_endpoint)
+            sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns), 1))
+            if not sock.poll(30000):
+                raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
+            reply = P.unpack(sock.recv())
+        finally:
+            sock.close(0)
+        if not reply.get("ok"):
+            raise _Errno(errno.EIO, f"node {req.src_node}: {reply.get('error')}")
+        return reply["data"]
+
+    def inject(self, req: P.Inject) -> dict:
+        if req.op not in self.handlers or req.count < 0:
+            raise ProtocolError(f"cannot inject failures into {req.op!r}")
+        self.injected[req.op] = req.count
+        return {}
+
     def free_map(self, req: P.FreeMap) -> dict:
         return {"bits": np.packbits(self.allocator.free_map).tobytes(),
                 "nr_free": self.allocator.nr_free}
@@ -202,6 +277,9 @@ class Node:
             handler = self.handlers.get(req.op)
             if handler is None:
                 raise ProtocolError(f"op {req.op!r} is not served by a node")
+            if self.injected.get(req.op):
+                self.injected[req.op] -= 1
+                raise _Errno(errno.EIO, f"injected failure of {req.op}")
             return P.ok_reply(obj.get("seq"), **handler(req))
         except _Errno as exc:
             return P.error_reply(obj.get("seq"), exc.errno, exc.strerror)
@@ -278,6 +356,8 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str) -> 
         data.close(0)
         ctx.term()
         state.frames = None
+        for source in state.sources.values():
+            source.close()
         segment.close()
 
 

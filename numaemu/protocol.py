@@ -406,6 +406,40 @@ class LruState:
     pfns: PfnArray
 
 
+@request("isolate")
+class Isolate:
+    """Take frames off the LRU (isolate_lru_page); the reply says which were on it."""
+
+    pfns: PfnArray
+
+
+@request("putback")
+class Putback:
+    """Put frames back on the LRU (active ones on the active list)."""
+
+    pfns: PfnArray
+    active: ProtArray
+
+
+@request("copy_in")
+class CopyIn:
+    """Copy frames of another node into frames of this one (seed step 12)."""
+
+    src_node: int
+    src_path: str
+    src_endpoint: str
+    src_pfns: PfnArray
+    dst_pfns: PfnArray
+
+
+@request("inject")
+class Inject:
+    """Fault injection for tests: the next ``count`` requests ``op`` fail with EIO."""
+
+    op: str
+    count: int = 1
+
+
 @request("free_map")
 class FreeMap:
     """The node's free bitmap (np.packbits), for invariant checks."""
