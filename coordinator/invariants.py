@@ -56,11 +56,11 @@ async def check(kernel) -> list[str]:
             problems.append(f"node {n}: mapcount disagrees with the page tables for "
                             f"{len(bad)} frames (e.g. pfn {bad[0]}: {table.mapcount[bad[0]]} "
                             f"recorded, {maps[n][bad[0]]} mapped)")
-        expected = maps[n] + cache_refs[n]
+        expected = maps[n] + cache_refs[n] + kernel.extra_refs(n)
         bad = np.flatnonzero(expected != table.refcount)
         if len(bad):
             problems.append(f"node {n}: refcount of {len(bad)} frames is not mapcount + "
-                            f"cache (e.g. pfn {bad[0]}: {table.refcount[bad[0]]} vs "
+                            f"cache + pins (e.g. pfn {bad[0]}: {table.refcount[bad[0]]} vs "
                             f"{expected[bad[0]]})")
         used = table.refcount > 0
         both = np.flatnonzero(used & free)

@@ -29,12 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from numaemu import protocol as P
+from numaemu.constants import Mode
 from numaemu.errors import NumaError
 from numaemu.topology import Topology
 
 from .links import Peer
 from .mempolicy import MemPolicy, plan_allocation
-from .pages import FrameTable, PageLocks
+from .migrate import BATCH as MIGRATE_BATCH
+from .migrate import MigrateStats
+from .pages import FrameTable, PageFlag, PageLocks
 
 log = logging.getLogger("numaemu.coordinator")
 
@@ -87,6 +90,12 @@ class Kernel:
         self._refilling: set[int] = set()
         self.pending_stats: list[dict[str, int]] = [{} for _ in topology.nodes]
         self.spawn = lambda coro: asyncio.ensure_future(coro)  # the server installs its own
+        self.migrate_batch = MIGRATE_BATCH
+        self.vmstat = MigrateStats()
+        self.pins: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # id -> (pid, nodes, pfns)
+        self._next_pin = 1
+        self.writeback_queue: set[int] = set()
+        self.flusher_wakeup = asyncio.Event()
 
     # -- identities ----------------------------------------------------------
     def new_pid(self, os_pid: int, host: str) -> int:
@@ -157,6 +166,32 @@ class Kernel:
             pfns[sel] = got
             self.tables[n].prep_new(got, flags, mapping, index[sel], owner)
         return plan.nodes.astype(np.int16), pfns
+
+    async def alloc_on(self, node: int, count: int, cpu_node: int) -> np.ndarray:
+        """``count`` frames on exactly ``node`` (a migration target); ENOMEM if it is short."""
+        if count == 0:
+            return np.empty(0, dtype=np.int64)
+        zeros = np.zeros(count, dtype=np.int64)
+        _, pfns = await self.alloc_pages(MemPolicy(Mode.BIND, (node,)), cpu_node, zeros,
+                                         flags=0, mapping=0, index=zeros, owner=0)
+        return pfns
+
+    async def release_new(self, node: int, pfns: np.ndarray) -> None:
+        """Free target frames a migration allocated but did not use."""
+        await self.free_frames(node, pfns)
+
+    def queue_writeback(self, oid: int) -> None:
+        """Ask the flusher to write this object's dirty pages back soon (migration step 15)."""
+        self.writeback_queue.add(oid)
+        self.flusher_wakeup.set()
+
+    def extra_refs(self, node: int) -> np.ndarray:
+        """References held by pins and by migration isolation, per frame (invariant checks)."""
+        refs = np.zeros(len(self.tables[node].refcount), dtype=np.int64)
+        for _pid, nodes, pfns in self.pins.values():
+            np.add.at(refs, pfns[nodes == node], 1)
+        refs += (self.tables[node].flags & PageFlag.ISOLATED) != 0
+        return refs
 
     async def _take(self, node: int, count: int) -> np.ndarray:
         """``count`` zeroed frames of ``node``: from its page list, else straight from it."""

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from .links import Peer
 
 MMAP_BASE = 0x7F0000000000
+#: End of the user address space (x86-64, 4-level page tables): mmap beyond it is ENOMEM.
+TASK_SIZE = 1 << 47
 
 
 class RWLock:
@@ -95,6 +97,10 @@ class Vma:
         cut = vpn - self.start
         tail = Vma(vpn, self.end, self.pte[cut:].copy(), self.policy, self.obj,
                    self.pgoff + cut)
+        if self.obj is not None:
+            # ``maps`` counts VMAs: without this, unmapping one piece of a split mapping
+            # released the object (and its page cache) while the other piece still mapped it.
+            self.obj.maps += 1
         self.pte = self.pte[:cut].copy()
         self.end = vpn
         return tail

@@ -42,6 +42,7 @@ class PageFlag(IntFlag):
     LRU = 1 << 4
     ANON = 1 << 5
     ISOLATED = 1 << 6
+    ACTIVE = 1 << 7
 
 
 def make_ptes(node: int | np.ndarray, pfns: np.ndarray, writable: bool | np.ndarray) -> np.ndarray:

@@ -20,8 +20,9 @@ async def numa_maps(kernel, task) -> str:
     lines = []
     for vma in task.vmas:
         policy = vma.policy
-        if vma.obj is not None and vma.obj.kind == "shm" and vma.obj.policy is not None:
-            policy = vma.obj.policy
+        if vma.obj is not None and vma.obj.kind == "shm":
+            # shmem has no VMA policy of its own: the shared policy at the VMA's start.
+            policy = vma.obj.policy_at(vma.pgoff)
         if policy is None:
             policy = task.policy  # numa_maps shows the effective policy
         ptes = vma.pte

@@ -39,6 +39,8 @@ log = logging.getLogger("numaemu.coordinator")
 
 NODE_PING = 0.5
 REAP_INTERVAL = 1.0
+#: The flusher writes dirty file pages back this often (and sooner when woken).
+FLUSH_INTERVAL = 5.0
 
 
 class Coordinator:
@@ -88,7 +90,8 @@ class Coordinator:
                 socks[name] = sock
             log.info("coordinator listening on %s", self.endpoints["rpc"])
             loops = [self.serve_rpc(socks["rpc"]), self.serve_tlb(socks["tlb"]),
-                     self.serve_nodes(socks["nodes"]), self.ping_nodes(), self.reap_dead()]
+                     self.serve_nodes(socks["nodes"]), self.ping_nodes(), self.reap_dead(),
+                     self.flusher()]
             workers = [asyncio.ensure_future(c) for c in loops]
             await self._stop.wait()
             log.info("coordinator stopping (%s)", self._stop_reason or "stop")
@@ -240,6 +243,27 @@ class Coordinator:
                     except ClusterError:
                         log.error("node %d is unreachable", info.node)
             await asyncio.sleep(NODE_PING)
+
+    async def flusher(self) -> None:
+        """Background writeback of dirty file pages (the kernel's flusher threads)."""
+        from .filemap import writeback
+
+        kernel = self.kernel
+        while True:
+            try:
+                await asyncio.wait_for(kernel.flusher_wakeup.wait(), FLUSH_INTERVAL)
+            except asyncio.TimeoutError:
+                kernel.writeback_queue.update(kernel.objects)  # periodic: every file
+            kernel.flusher_wakeup.clear()
+            queued, kernel.writeback_queue = kernel.writeback_queue, set()
+            for oid in sorted(queued):
+                obj = kernel.objects.get(oid)
+                if obj is None or obj.kind != "file":
+                    continue
+                try:
+                    await writeback(kernel, obj)
+                except Exception as exc:  # keep flushing the others
+                    log.warning("background writeback of %s failed: %s", obj.name, exc)
 
     async def reap_dead(self) -> None:
         """Reap tasks whose process died or whose lease expired (leases, ARCHITECTURE.md)."""

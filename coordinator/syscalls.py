@@ -14,10 +14,10 @@ import time
 import numpy as np
 
 from numaemu import protocol as P
-from numaemu.constants import MPOL_MODE_FLAGS, GetFlag, Mode, MoveFlag
+from numaemu.constants import MAX_NUMNODES, MPOL_MODE_FLAGS, GetFlag, Mode, MoveFlag
 from numaemu.errors import NumaError
 
-from . import filemap, procfs
+from . import filemap, movepages, procfs
 from .memory import handle_fault, zap_vma
 from .mempolicy import (
     check_mbind_flags,
@@ -28,7 +28,7 @@ from .mempolicy import (
     sanitize_mode_flags,
     validate_get_flags,
 )
-from .mm import MMAP_BASE, Task, Vma, check_range
+from .mm import MMAP_BASE, TASK_SIZE, Task, Vma, check_range
 from .pages import PTE_MIGRATION, PTE_ZERO, pte_node
 
 log = logging.getLogger("numaemu.coordinator")
@@ -52,6 +52,10 @@ class Syscalls:
             "get_mempolicy": self.get_mempolicy,
             "mbind": self.mbind,
             "move_pages": self.move_pages,
+            "migrate_pages": self.migrate_pages,
+            "pin": self.pin,
+            "unpin": self.unpin,
+            "inject_fault": self.inject_fault,
             "msync": self.msync,
             "shm_unlink": self.shm_unlink,
             "sched_setaffinity": self.sched_setaffinity,
@@ -118,6 +122,10 @@ class Syscalls:
             raise NumaError(errno.EINVAL, f"bad shared object name {req.shared!r}")
         npages = -(-req.length // k.page_size)
         async with task.mmap_lock.write():
+            # No address space left is ENOMEM, checked before anything changes: a huge length
+            # used to fail in np.zeros *after* get_unmapped_area had moved next_vpn past it.
+            if task.next_vpn + npages > TASK_SIZE // k.page_size:
+                raise NumaError(errno.ENOMEM, f"no room for {npages} pages in the address space")
             obj = None
             if req.shared is not None or req.file is not None:
                 obj = filemap.open_object(k, shared=req.shared, file=req.file, npages=npages)
@@ -127,7 +135,16 @@ class Syscalls:
                 obj.maps += 1
             task.insert_vma(vma)
         if req.populate:
-            await handle_fault(k, task, np.arange(start, start + npages), obj is None)
+            # MAP_POPULATE is best effort (mm_populate's result is ignored): the mapping stays
+            # even if allocation fails, and file pages past EOF are simply not populated.
+            # Failing here used to leave a VMA the caller never got an address for.
+            end = start + npages
+            if obj is not None and obj.kind == "file":
+                end = min(end, start + -(-obj.size // k.page_size))
+            try:
+                await handle_fault(k, task, np.arange(start, end), obj is None)
+            except NumaError as exc:
+                log.info("task %d: populating %d pages failed: %s", task.pid, end - start, exc)
         return {"addr": start * k.page_size, "length": npages * k.page_size}
 
     async def munmap(self, req: P.Munmap) -> dict:
@@ -182,7 +199,7 @@ class Syscalls:
                 return {"mode": node, "nodes": []}
             policy = vma.policy
             if vma.obj is not None and vma.obj.kind == "shm":
-                policy = vma.obj.policy
+                policy = vma.obj.policy_at(vpn - vma.start + vma.pgoff)
             mode, nodes = get_policy_readback(policy)
             return {"mode": mode, "nodes": list(nodes)}
         if flags & GetFlag.NODE:
@@ -205,16 +222,13 @@ class Syscalls:
         if req.length == 0:
             return {}
         policy = new_policy(req.mode, req.nodes, node_set=k.node_set, for_mbind=True)
-        if req.flags & (MoveFlag.MOVE | MoveFlag.MOVE_ALL):
-            raise NumaError(errno.EOPNOTSUPP,
-                            "mbind with MPOL_MF_MOVE/MOVE_ALL needs the migration engine, "
-                            "which this version does not have yet")
-        strict = bool(req.flags & MoveFlag.STRICT) and policy is not None
+        move = bool(req.flags & (MoveFlag.MOVE | MoveFlag.MOVE_ALL))
+        strict = bool(req.flags & MoveFlag.STRICT) and policy is not None  # DEFAULT clears it
         async with task.mmap_lock.write():
             vmas = task.vmas_in(start, end)
             if not vmas or (policy is not None and not task.covered(start, end)):
                 raise NumaError(errno.EFAULT, "the range has unmapped holes")
-            if strict:
+            if strict and not move:
                 # queue_pages_range judges pages by the caller's nodemask, not the effective
                 # nodes: PREFERRED {0,1} keeps only node 0 but a page on node 1 is no failure.
                 allowed = set(user_nodes)
@@ -228,7 +242,16 @@ class Syscalls:
             for vma in task.split_at(start, end):
                 vma.policy = policy
                 if vma.obj is not None and vma.obj.kind == "shm":
-                    vma.obj.policy = policy  # shared policy: every mapper sees it
+                    # shared policy of the object's pages under this VMA: every mapper sees it
+                    vma.obj.set_policy(vma.pgoff, vma.pgoff + vma.end - vma.start, policy)
+        if move:
+            # The policy is installed; now misplaced pages move (shared ones only with
+            # MOVE_ALL, skipped silently otherwise).  STRICT turns failures into EIO.
+            failed = await movepages.mbind_move(k, task, start, end, policy, user_nodes,
+                                                bool(req.flags & MoveFlag.MOVE_ALL))
+            if failed and strict:
+                raise NumaError(errno.EIO, f"MPOL_MF_STRICT: {failed} pages could not be "
+                                           "moved")
         return {}
 
     async def move_pages(self, req: P.MovePages) -> dict:
@@ -240,11 +263,47 @@ class Syscalls:
             raise NumaError(errno.EPERM, "MPOL_MF_MOVE_ALL needs CAP_SYS_NICE (privileged=True)")
         task = caller if req.target in (None, 0) else k.task(req.target)
         check_access(caller, task)
-        if req.nodes is not None:
-            raise NumaError(errno.EOPNOTSUPP,
-                            "move_pages with target nodes needs the migration engine, "
-                            "which this version does not have yet")
-        return {"status": query_pages(k, task, req.pages)}
+        if req.nodes is None:
+            return {"status": query_pages(k, task, req.pages)}
+        nodes = req.nodes
+        if not isinstance(nodes, (list, tuple)) or any(
+                isinstance(n, bool) or not isinstance(n, int) for n in nodes):
+            raise NumaError(errno.EFAULT, "cannot read the nodes array")
+        status, not_migrated = await movepages.do_pages_move(
+            k, caller, task, req.pages, list(nodes), bool(req.flags & MoveFlag.MOVE_ALL))
+        return {"status": status.astype(P.STATUS), "not_migrated": not_migrated}
+
+    async def migrate_pages(self, req: P.MigratePages) -> dict:
+        k = self.k
+        caller = k.task(req.pid)
+        old = _node_list(req.old_nodes)
+        new = _node_list(req.new_nodes)
+        task = caller if req.target in (None, 0) else k.task(req.target)
+        check_access(caller, task)
+        new = [n for n in new if n in k.node_set]  # nodes without memory are dropped
+        if not new:
+            raise NumaError(errno.EINVAL, "new_nodes holds no node with memory")
+        old = [n for n in old if n in k.node_set]
+        not_migrated = await movepages.do_migrate_pages(k, caller, task, old, new,
+                                                        caller.privileged)
+        return {"not_migrated": not_migrated}
+
+    async def pin(self, req: P.Pin) -> dict:
+        k = self.k
+        task = k.task(req.pid)
+        start, end = check_range(k.page_size, req.addr, req.length)
+        if end == start:
+            raise NumaError(errno.EINVAL, "nothing to pin")
+        return {"pin": await movepages.pin_pages(k, task, start, end)}
+
+    async def unpin(self, req: P.Unpin) -> dict:
+        await movepages.unpin_pages(self.k, self.k.task(req.pid), req.pin)
+        return {}
+
+    async def inject_fault(self, req: P.InjectFault) -> dict:
+        self.k.task(req.pid)
+        await self.k.node(req.node).peer.call(P.Inject(request=req.request, count=req.count))
+        return {}
 
     async def msync(self, req: P.Msync) -> dict:
         k = self.k
@@ -304,6 +363,17 @@ class Syscalls:
                           for t in self.k.tasks.values() if not t.exiting]}
 
 
+def _node_list(nodes) -> list[int]:
+    """A node list argument: unreadable is EFAULT, out-of-range numbers EINVAL."""
+    if not isinstance(nodes, (list, tuple)) or any(
+            isinstance(n, bool) or not isinstance(n, int) for n in nodes):
+        raise NumaError(errno.EFAULT, "cannot read the node list")
+    for n in nodes:
+        if n < 0 or n >= MAX_NUMNODES:
+            raise NumaError(errno.EINVAL, f"node {n} is outside 0..{MAX_NUMNODES - 1}")
+    return sorted(set(nodes))
+
+
 def check_access(caller: Task, task: Task) -> None:
     """Acting on another task needs the same owner or privilege (ptrace read check)."""
     if task is not caller and task.uid != caller.uid and not caller.privileged:
@@ -345,6 +415,7 @@ async def exit_task(k, task: Task) -> None:
     task.exiting = True
     task.tlb = None
     try:
+        await movepages.drop_pins(k, task)
         async with task.mmap_lock.write():
             for vma in list(task.vmas):
                 await unmap_range(k, task, vma.start, vma.end)

@@ -185,9 +185,10 @@ class Node:
 
     def isolate(self, req: P.Isolate) -> dict:
         self._check_pfns(req.pfns)
-        on_lru = self.lru[req.pfns] != LRU_NONE
+        state = self.lru[req.pfns]
         self.lru[req.pfns] = LRU_NONE
-        return {"isolated": on_lru.astype(P.PROT)}
+        return {"isolated": (state != LRU_NONE).astype(P.PROT),
+                "active": (state == LRU_ACTIVE).astype(P.PROT)}
 
     def putback(self, req: P.Putback) -> dict:
         self._check_pfns(req.pfns)
@@ -247,9 +248,9 @@ class Node:
         return reply["data"]
 
     def inject(self, req: P.Inject) -> dict:
-        if req.op not in self.handlers or req.count < 0:
-            raise ProtocolError(f"cannot inject failures into {req.op!r}")
-        self.injected[req.op] = req.count
+        if req.request not in self.handlers or req.count < 0:
+            raise ProtocolError(f"cannot inject failures into {req.request!r}")
+        self.injected[req.request] = req.count
         return {}
 
     def free_map(self, req: P.FreeMap) -> dict:

@@ -174,9 +174,13 @@ class Cluster:
             raise ClusterError("the cluster is not running")
         return self.address
 
-    def attach(self, cpu: int | None = None, privileged: bool = False) -> Task:
-        """A client task in this process, on ``cpu``; closed when the cluster stops."""
-        task = Task(self._require(), cpu=cpu, privileged=privileged)
+    def attach(self, cpu: int | None = None, privileged: bool = False,
+               uid: int | None = None) -> Task:
+        """A client task in this process, on ``cpu``; closed when the cluster stops.
+
+        ``uid`` is the emulated owner (default: this process's uid); acting on another
+        owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do."""
+        task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid)
         self._tasks.append(task)
         return task
 

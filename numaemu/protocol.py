@@ -70,6 +70,9 @@ def request(op: str):
         cls.op = op
         hints = get_type_hints(cls, include_extras=True)
         cls._fields = tuple((f.name, hints[f.name], f) for f in dataclasses.fields(cls))
+        clash = {"op", "seq", "re"} & {name for name, _, _ in cls._fields}
+        if clash:
+            raise TypeError(f"{op}: field names {clash} are reserved by the envelope")
         REQUESTS[op] = cls
         return cls
 
@@ -288,6 +291,39 @@ class MovePages:
     flags: int = 0
 
 
+@request("migrate_pages")
+class MigratePages:
+    pid: int
+    target: int | None
+    old_nodes: Any
+    new_nodes: Any
+
+
+@request("pin")
+class Pin:
+    """get_user_pages: hold a reference on every page of the range."""
+
+    pid: int
+    addr: int
+    length: int
+
+
+@request("unpin")
+class Unpin:
+    pid: int
+    pin: int
+
+
+@request("inject_fault")
+class InjectFault:
+    """Make node ``node`` fail its next ``count`` requests ``request`` (back-out tests)."""
+
+    pid: int
+    node: int
+    request: str
+    count: int = 1
+
+
 @request("msync")
 class Msync:
     pid: int
@@ -434,9 +470,9 @@ class CopyIn:
 
 @request("inject")
 class Inject:
-    """Fault injection for tests: the next ``count`` requests ``op`` fail with EIO."""
+    """Fault injection for tests: the next ``count`` requests ``request`` fail with EIO."""
 
-    op: str
+    request: str
     count: int = 1
 
 

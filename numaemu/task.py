@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,15 @@ log = logging.getLogger("numaemu.client")
 
 HEARTBEAT = 1.0
 STOP_POLL_MS = 50
+
+
+class MoveResult(list):
+    """move_pages statuses (a list: node or negative errno per page), plus
+    ``not_migrated``: the call's positive return value (pages not migrated)."""
+
+    def __init__(self, statuses: list[int], not_migrated: int = 0) -> None:
+        super().__init__(statuses)
+        self.not_migrated = not_migrated
 
 
 class Mapping:
@@ -80,14 +89,15 @@ class Task:
     """
 
     def __init__(self, address: str, *, cpu: int | None = None, privileged: bool = False,
-                 command: str | None = None) -> None:
+                 command: str | None = None, uid: int | None = None) -> None:
         self.address = address
         self._conn = Connection(address)
         self._req_lock = threading.Lock()
         self._closed = False
         try:
             reply = self._conn.call(
-                "attach", os_pid=os.getpid(), host=socket.gethostname(), uid=os.getuid(),
+                "attach", os_pid=os.getpid(), host=socket.gethostname(),
+                uid=os.getuid() if uid is None else uid,
                 cpu=cpu, privileged=privileged,
                 command=command or os.path.basename(sys.argv[0] or "python"))
         except BaseException:
@@ -419,8 +429,11 @@ class Task:
                         flags=_int_arg("flags", flags))
 
     def move_pages(self, pages: Iterable[int], nodes: Iterable[int] | None = None,
-                   flags: int = 0, pid: int | None = None) -> list[int]:
-        """Per page: its node, or a negative errno (query mode when ``nodes`` is None)."""
+                   flags: int = 0, pid: int | None = None) -> MoveResult:
+        """Per page: its node, or a negative errno (query mode when ``nodes`` is None).
+
+        With ``nodes``, each page moves to its node; the result's ``not_migrated`` is the
+        number of pages that could not be moved (move_pages(2)'s positive return)."""
         try:
             addrs = [int(p) for p in pages]
         except (TypeError, ValueError):
@@ -433,7 +446,28 @@ class Task:
                 raise NumaError(errno.EINVAL, "nodes must give one node per page")
         reply = self._sync_call("move_pages", target=pid, pages=arr.astype(P.VPN),
                                 nodes=node_list, flags=_int_arg("flags", flags))
-        return np.frombuffer(reply["status"], dtype=P.STATUS).tolist()
+        return MoveResult(np.frombuffer(reply["status"], dtype=P.STATUS).tolist(),
+                          reply.get("not_migrated", 0))
+
+    def migrate_pages(self, pid: int | None, old_nodes: Iterable[int],
+                      new_nodes: Iterable[int]) -> int:
+        """Move task ``pid``'s pages on ``old_nodes`` to ``new_nodes`` (relative placement);
+        return the number of pages that could not be moved."""
+        reply = self._sync_call("migrate_pages", target=pid, old_nodes=_nodes_arg(old_nodes),
+                                new_nodes=_nodes_arg(new_nodes))
+        return reply["not_migrated"]
+
+    @contextmanager
+    def pin(self, addr: int, length: int):
+        """Hold references on the pages of the range (get_user_pages): they cannot migrate
+        until the block ends."""
+        pin = self._sync_call("pin", addr=_int_arg("addr", addr),
+                              length=_int_arg("length", length))["pin"]
+        try:
+            yield
+        finally:
+            if not self._closed:
+                self._sync_call("unpin", pin=pin)
 
     def numa_maps(self, pid: int | None = None) -> str:
         """The task's ``/proc/<pid>/numa_maps`` text."""
