@@ -155,6 +155,8 @@ def read_nodes(nodes: Iterable[int] | None, *, for_mbind: bool = False) -> tuple
     call = _call(for_mbind)
     if nodes is None:
         return ()
+    if isinstance(nodes, (str, bytes)):  # the client's marker for an object it could not read
+        raise NumaError(errno.EFAULT, f"{call}: the node list cannot be read")
     try:
         items = list(nodes)
     except TypeError:

@@ -124,7 +124,10 @@ class Coordinator:
         while True:
             frames = await sock.recv_multipart()
             if len(frames) != 2:
-                log.warning("dropping a message with %d frames", len(frames))
+                log.warning("a request of %d frames instead of 1", len(frames) - 1)
+                if len(frames) > 2:  # answer it, or a raw client waits for its timeout
+                    await sock.send_multipart([frames[0], P.error_reply(
+                        None, errno.EINVAL, "malformed message: a request is one frame")])
                 continue
             self.spawn(self.answer(sock, frames[0], frames[1]))
 

@@ -442,7 +442,9 @@ class Task:
         node_list = None
         if nodes is not None:
             node_list = _nodes_arg(nodes)
-            if not isinstance(node_list, list) or len(node_list) != len(addrs):
+            if node_list is UNREADABLE_NODES:
+                raise NumaError(errno.EFAULT, f"cannot read the nodes array {nodes!r}")
+            if len(node_list) != len(addrs):
                 raise NumaError(errno.EINVAL, "nodes must give one node per page")
         reply = self._sync_call("move_pages", target=pid, pages=arr.astype(P.VPN),
                                 nodes=node_list, flags=_int_arg("flags", flags))
@@ -482,6 +484,8 @@ class Task:
     def sched_setaffinity(self, cpus: Iterable[int] | int) -> None:
         """Restrict the task to ``cpus``; the scheduler moves it if its CPU is not among them."""
         cpu_list = [cpus] if isinstance(cpus, int) else _nodes_arg(cpus)
+        if cpu_list is UNREADABLE_NODES:
+            raise NumaError(errno.EFAULT, f"cannot read the CPU set {cpus!r}")
         reply = self._sync_call("sched_setaffinity", cpus=cpu_list)
         with self._access_lock:
             self._fold_stats()
@@ -621,11 +625,19 @@ def _check_int(name: str, value: Any) -> None:
 
 def _int_arg(name: str, value: Any) -> int:
     _check_int(name, value)
-    return int(value)
+    value = int(value)
+    if not -(1 << 63) <= value < 1 << 64:  # what a 64-bit register can hold
+        raise NumaError(errno.EINVAL, f"{name} {value} does not fit in 64 bits")
+    return value
+
+
+#: Sent in place of a node list the caller's object could not be read as: the coordinator
+#: reports EFAULT at the point where the kernel copies the nodemask, after checking the mode.
+UNREADABLE_NODES = "unreadable nodemask"
 
 
 def _nodes_arg(nodes: Any) -> Any:
-    """Nodes as a plain list of ints; anything unreadable is EFAULT, like a bad nodemask."""
+    """Nodes as a plain list of ints, or ``UNREADABLE_NODES`` (EFAULT in the coordinator)."""
     if nodes is None:
         return []
     try:
@@ -633,7 +645,10 @@ def _nodes_arg(nodes: Any) -> Any:
         for n in nodes:
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
                 raise TypeError
-            out.append(int(n))
+            n = int(n)
+            if not -(1 << 63) <= n < 1 << 63:
+                raise TypeError
+            out.append(n)
     except TypeError:
-        raise NumaError(errno.EFAULT, f"cannot read the node list {nodes!r}") from None
+        return UNREADABLE_NODES
     return out

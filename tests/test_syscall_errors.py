@@ -303,8 +303,6 @@ def test_mbind_error_order_mode_then_nodes_then_flags_then_privilege(task):
     expect_errno(errno.EPERM, task.mbind, m.addr + 1, PS, MPOL_BIND, [5], flags=MPOL_MF_MOVE_ALL)
 
 
-@pytest.mark.xfail(strict=True, reason="Task.mbind/set_mempolicy read the node list before "
-                   "the coordinator checks the mode (numaemu/task.py)")
 def test_mbind_unknown_mode_is_einval_even_with_an_unreadable_node_list(task):
     m = task.mmap(PS)
     expect_errno(errno.EINVAL, task.mbind, m.addr, PS, -1, 5)
