@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ ASYNC_PASSES = 3
 #: Pages per (source, target) batch; the kernel's is 512 (NR_MAX_BATCHED_MIGRATION).
 BATCH = 512
 LOCK_TIMEOUT = 30.0
+#: How long a migrated page that had waiters is left to them before it may move again.
+HOLD = 0.01
 
 #: Flags that travel to the new page at step 13.
 MIGRATED_FLAGS = int(PageFlag.UPTODATE | PageFlag.DIRTY | PageFlag.ANON | PageFlag.ACTIVE)
@@ -181,6 +184,20 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
     new_of = np.full(n, -1, dtype=np.int64)
     new_of[live] = new
 
+    # Fairness: a page that tasks were waiting for when it last moved is theirs for a short
+    # while (HOLD); without it, back-to-back migrations of a hot page could starve them,
+    # since a woken task needs a round trip to reach the new page.
+    now = time.monotonic()
+    held = live & (told.hold_until[old] > now)
+    if held.any():
+        if sync:
+            await asyncio.sleep(float(told.hold_until[old[held]].max() - now))
+        else:
+            rc[held] = -errno.EAGAIN
+            live &= ~held
+            await kernel.release_new(dst, new_of[held])
+            new_of[held] = -1
+
     # Step 1: lock the old pages (trylock while not sync).
     go = live.copy()
     if sync:
@@ -281,7 +298,9 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
         # Step 19: unlock old and new; everyone waiting on them redoes its fault.
         g = np.flatnonzero(go)
         kernel.locks.unlock(dst, new_of[g])
-        _unlock(kernel, src, old[go])
+        woke = kernel.locks.unlock(src, old[go])
+        moved = rc[g] == 0
+        tnew.hold_until[new_of[g[woke & moved]]] = time.monotonic() + HOLD
 
     # Step 20: the new pages go on the target's LRU, the old frames are freed; pages that
     # did not move keep their isolation reference (retried, or put back by the caller).

@@ -73,6 +73,9 @@ class FrameTable:
         self.mapping = np.zeros(frames, dtype=np.int32)  # shared object id; 0 = anonymous
         self.index = np.zeros(frames, dtype=np.int64)  # page index in the object, or vpn
         self.owner = np.zeros(frames, dtype=np.int64)  # anon pages: the owning task's pid
+        # Monotonic time until which a just-migrated page that had waiters is left alone, so
+        # the waiters get to use it before it moves again (see coordinator/migrate.py).
+        self.hold_until = np.zeros(frames, dtype=np.float64)
 
     def prep_new(self, pfns: np.ndarray, flags: int, mapping: int, index: np.ndarray,
                  owner: int) -> None:
@@ -90,6 +93,7 @@ class FrameTable:
         self.mapping[pfns] = 0
         self.index[pfns] = 0
         self.owner[pfns] = 0
+        self.hold_until[pfns] = 0
 
 
 class PageLocks:
@@ -106,22 +110,26 @@ class PageLocks:
         flags[pfns[free]] |= PageFlag.LOCKED
         return free
 
-    def unlock(self, node: int, pfns: np.ndarray) -> None:
-        """Unlock and wake everyone waiting on these pages (seed step 19)."""
-        self._clear_and_wake(PageFlag.LOCKED, node, pfns)
+    def unlock(self, node: int, pfns: np.ndarray) -> np.ndarray:
+        """Unlock and wake everyone waiting on these pages (seed step 19); return the mask of
+        pages that had waiters."""
+        return self._clear_and_wake(PageFlag.LOCKED, node, pfns)
 
     def end_writeback(self, node: int, pfns: np.ndarray) -> None:
         """Writeback finished: wake those waiting for it (migration step 2)."""
         self._clear_and_wake(PageFlag.WRITEBACK, node, pfns)
 
-    def _clear_and_wake(self, bit: int, node: int, pfns: np.ndarray) -> None:
+    def _clear_and_wake(self, bit: int, node: int, pfns: np.ndarray) -> np.ndarray:
         self.tables[node].flags[pfns] &= ~int(bit)
+        woke = np.zeros(len(pfns), dtype=bool)
         if not self.waiters:
-            return
-        for pfn in pfns.tolist():
+            return woke
+        for i, pfn in enumerate(pfns.tolist()):
             for fut in self.waiters.pop((int(bit), node, pfn), ()):
                 if not fut.done():
                     fut.set_result(None)
+                    woke[i] = True
+        return woke
 
     async def wait_on_page_locked(self, node: int, pfn: int, timeout: float | None = None) -> None:
         """Sleep until the page is unlocked; takes no page reference (migration_entry_wait)."""

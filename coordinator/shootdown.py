@@ -9,7 +9,8 @@ after taking its access lock, i.e. when no access to those frames is in flight.
 Invalidations are batched: one message per client per flush, with all its pages.
 A slow ack is not a dead client (a GIL-holding C call can delay it by 100s of
 ms): we wait in ``ACK_SLICE`` steps and give up only when the client's process
-is gone or its lease expired, then reap it like an exited task.
+is gone, its task exited, or its lease expired; then we reap it like an exited
+task.  A task that exits fails the shootdowns waiting for it at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .links import PeerGone
 
 log = logging.getLogger("numaemu.coordinator")
 
-ACK_SLICE = 1.0
+ACK_SLICE = 0.25
 #: A client that misses heartbeats for this long is considered dead.
 LEASE = 10.0
 

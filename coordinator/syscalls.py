@@ -302,7 +302,8 @@ class Syscalls:
 
     async def inject_fault(self, req: P.InjectFault) -> dict:
         self.k.task(req.pid)
-        await self.k.node(req.node).peer.call(P.Inject(request=req.request, count=req.count))
+        await self.k.node(req.node).peer.call(P.Inject(request=req.request, count=req.count,
+                                                           delay=req.delay))
         return {}
 
     async def msync(self, req: P.Msync) -> dict:
@@ -413,6 +414,8 @@ async def exit_task(k, task: Task) -> None:
     if task.exiting:
         return
     task.exiting = True
+    if task.tlb is not None:
+        task.tlb.fail(f"task {task.pid} exited")  # shootdowns waiting for its ack go on
     task.tlb = None
     try:
         await movepages.drop_pins(k, task)

@@ -112,6 +112,7 @@ class Node:
         self.numastat = dict.fromkeys(NUMASTAT_KEYS, 0)
         self.sources: dict[str, Segment] = {}  # other nodes' segments, mapped for copy_in
         self.injected: dict[str, int] = {}
+        self.delayed: dict[str, tuple[int, float]] = {}
         self.handlers: dict[str, Callable] = {
             "alloc": self.alloc,
             "free": self.free,
@@ -248,9 +249,15 @@ class Node:
         return reply["data"]
 
     def inject(self, req: P.Inject) -> dict:
-        if req.request not in self.handlers or req.count < 0:
-            raise ProtocolError(f"cannot inject failures into {req.request!r}")
-        self.injected[req.request] = req.count
+        if req.request not in self.handlers or req.count < 0 or not 0 <= req.delay <= 10:
+            raise ProtocolError(f"cannot inject that into {req.request!r}")
+        if req.delay:
+            if req.count:
+                self.delayed[req.request] = (req.count, req.delay)
+            else:
+                self.delayed.pop(req.request, None)
+        else:
+            self.injected[req.request] = req.count
         return {}
 
     def free_map(self, req: P.FreeMap) -> dict:
@@ -281,6 +288,11 @@ class Node:
             if self.injected.get(req.op):
                 self.injected[req.op] -= 1
                 raise _Errno(errno.EIO, f"injected failure of {req.op}")
+            if req.op in self.delayed:
+                count, delay = self.delayed.pop(req.op)
+                if count > 1:
+                    self.delayed[req.op] = (count - 1, delay)
+                time.sleep(delay)
             return P.ok_reply(obj.get("seq"), **handler(req))
         except _Errno as exc:
             return P.error_reply(obj.get("seq"), exc.errno, exc.strerror)

@@ -316,12 +316,14 @@ class Unpin:
 
 @request("inject_fault")
 class InjectFault:
-    """Make node ``node`` fail its next ``count`` requests ``request`` (back-out tests)."""
+    """Make node ``node`` fail (or, with ``delay``, slow down) its next ``count`` requests
+    ``request``: tests of back-out paths and of waits on pages under migration."""
 
     pid: int
     node: int
     request: str
     count: int = 1
+    delay: float = 0.0
 
 
 @request("msync")
@@ -470,10 +472,12 @@ class CopyIn:
 
 @request("inject")
 class Inject:
-    """Fault injection for tests: the next ``count`` requests ``request`` fail with EIO."""
+    """Fault injection for tests: the next ``count`` requests ``request`` fail with EIO,
+    or, with ``delay`` > 0, are served ``delay`` seconds late."""
 
     request: str
     count: int = 1
+    delay: float = 0.0
 
 
 @request("free_map")
