@@ -26,7 +26,7 @@ from numaemu import protocol as P
 from numaemu.errors import NumaError
 
 from .mempolicy import MemPolicy
-from .pages import PTE_PRESENT, PTE_WRITE, PageFlag, make_ptes, pte_node, pte_pfn
+from .pages import PG_DIRTY, PG_WRITEBACK, PTE_PRESENT, PTE_WRITE, make_ptes, pte_node, pte_pfn
 
 log = logging.getLogger("numaemu.coordinator")
 
@@ -176,7 +176,7 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
         dirty = np.zeros(len(indices), dtype=bool)
         for n in np.unique(nodes).tolist():
             sel = nodes == n
-            dirty[sel] = (kernel.tables[n].flags[pfns[sel]] & PageFlag.DIRTY) != 0
+            dirty[sel] = (kernel.tables[n].flags[pfns[sel]] & PG_DIRTY) != 0
         indices, entries, nodes, pfns = indices[dirty], entries[dirty], nodes[dirty], pfns[dirty]
         if len(indices) == 0:
             break
@@ -217,7 +217,7 @@ async def _writeback_locked(kernel, obj: SharedObject, indices, nodes, pfns) -> 
         for n in np.unique(nodes).tolist():
             table = kernel.tables[n]
             sel = pfns[nodes == n]
-            table.flags[sel] = (table.flags[sel] & ~int(PageFlag.DIRTY)) | PageFlag.WRITEBACK
+            table.flags[sel] = (table.flags[sel] & ~int(PG_DIRTY)) | PG_WRITEBACK
     finally:
         for n in np.unique(nodes).tolist():
             kernel.locks.unlock(n, pfns[nodes == n])

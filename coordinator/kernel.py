@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from numaemu import protocol as P
-from numaemu.constants import Mode
 from numaemu.errors import NumaError
 from numaemu.topology import Topology
 
@@ -37,7 +36,7 @@ from .links import Peer
 from .mempolicy import MemPolicy, plan_allocation
 from .migrate import BATCH as MIGRATE_BATCH
 from .migrate import MigrateStats
-from .pages import FrameTable, PageFlag, PageLocks
+from .pages import PG_ISOLATED, FrameTable, PageLocks
 
 log = logging.getLogger("numaemu.coordinator")
 
@@ -171,9 +170,19 @@ class Kernel:
         """``count`` frames on exactly ``node`` (a migration target); ENOMEM if it is short."""
         if count == 0:
             return np.empty(0, dtype=np.int64)
-        zeros = np.zeros(count, dtype=np.int64)
-        _, pfns = await self.alloc_pages(MemPolicy(Mode.BIND, (node,)), cpu_node, zeros,
-                                         flags=0, mapping=0, index=zeros, owner=0)
+        if count > self.free[node]:
+            raise NumaError(12, f"node {node} has {self.free[node]} free frames, {count} wanted")
+        self.free[node] -= count  # reserved before awaiting, as in alloc_pages
+        try:
+            pfns = await self._take(node, count)
+        except BaseException:
+            self.free[node] += count
+            raise
+        # A migration target is a hit on its node, local or other by the migrating CPU.
+        stats = self.pending_stats[node]
+        stats["numa_hit"] = stats.get("numa_hit", 0) + count
+        where = "local_node" if node == cpu_node else "other_node"
+        stats[where] = stats.get(where, 0) + count
         return pfns
 
     async def release_new(self, node: int, pfns: np.ndarray) -> None:
@@ -190,7 +199,7 @@ class Kernel:
         refs = np.zeros(len(self.tables[node].refcount), dtype=np.int64)
         for _pid, nodes, pfns in self.pins.values():
             np.add.at(refs, pfns[nodes == node], 1)
-        refs += (self.tables[node].flags & PageFlag.ISOLATED) != 0
+        refs += (self.tables[node].flags & PG_ISOLATED) != 0
         return refs
 
     async def _take(self, node: int, count: int) -> np.ndarray:
@@ -237,7 +246,9 @@ class Kernel:
             return
         self.tables[node].clear(pfns)
         self.free[node] += len(pfns)
-        await self.node(node).peer.call(P.Free(pfns=pfns.astype(P.PFN)))
+        # No need to wait: the node handles its requests in order, so a later alloc or
+        # free-map query sees these frames free; the free counts here are updated already.
+        await self.node(node).peer.send(P.Free(pfns=pfns.astype(P.PFN)))
 
     async def put_pages(self, nodes: np.ndarray, pfns: np.ndarray) -> None:
         """Drop one reference from each page; free those that reach zero (put_page)."""

@@ -59,8 +59,13 @@ class Peer:
 
     async def send(self, req: Any, seq: int = 0) -> None:
         """Send without waiting for a reply."""
+        frames = [self.ident, P.encode_request(req, seq)]
         try:
-            await self.sock.send_multipart([self.ident, P.encode_request(req, seq)])
+            try:
+                # The plain non-blocking send: no future, no trip through the event loop.
+                zmq.Socket.send_multipart(self.sock, frames, zmq.NOBLOCK)
+            except zmq.Again:  # the pipe is full: wait for room
+                await self.sock.send_multipart(frames)
         except zmq.ZMQError as exc:  # EHOSTUNREACH with ROUTER_MANDATORY: peer gone
             self.fail(f"{self.name} unreachable: {exc}")
             raise PeerGone(f"{self.name} unreachable: {exc}") from None

@@ -28,11 +28,15 @@ from numaemu.errors import NumaError
 from .filemap import cache_entry, fill_from_file
 from .mm import Task, Vma
 from .pages import (
+    PG_ANON,
+    PG_DIRTY,
+    PG_LOCKED,
+    PG_LRU,
+    PG_UPTODATE,
     PTE_MIGRATION,
     PTE_PRESENT,
     PTE_WRITE,
     PTE_ZERO,
-    PageFlag,
     make_ptes,
     pte_node,
     pte_pfn,
@@ -100,7 +104,7 @@ def _wait_if_locked(kernel, ptes: np.ndarray) -> None:
     nodes, pfns = pte_node(ptes), pte_pfn(ptes)
     for n in np.unique(nodes).tolist():
         sel = pfns[nodes == n]
-        locked = (kernel.tables[n].flags[sel] & PageFlag.LOCKED) != 0
+        locked = (kernel.tables[n].flags[sel] & PG_LOCKED) != 0
         if locked.any():
             raise _Retry(n, int(sel[np.flatnonzero(locked)[0]]))
 
@@ -122,8 +126,8 @@ async def fault_anon(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bool
         policy = vma.policy if vma.policy is not None else task.policy
         # Private anonymous memory interleaves by virtual page number (linux-semantics §8).
         nodes, pfns = await kernel.alloc_pages(
-            policy, kernel.cpu_node(task), vpns, flags=PageFlag.UPTODATE | PageFlag.LRU
-            | PageFlag.ANON | PageFlag.DIRTY, mapping=0, index=vpns, owner=task.pid)
+            policy, kernel.cpu_node(task), vpns, flags=PG_UPTODATE | PG_LRU
+            | PG_ANON | PG_DIRTY, mapping=0, index=vpns, owner=task.pid)
         # The mmap lock is held for read, so only this task could have changed these
         # entries meanwhile; give back frames for any that are no longer empty.
         lost = vma.pte[new_offs] != before
@@ -177,7 +181,7 @@ async def fault_shared(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bo
     if write or obj.kind == "shm":
         nodes, pfns = pte_node(ptes), pte_pfn(ptes)
         for n in np.unique(nodes).tolist():
-            kernel.tables[n].flags[pfns[nodes == n]] |= PageFlag.DIRTY
+            kernel.tables[n].flags[pfns[nodes == n]] |= PG_DIRTY
     return ptes
 
 
@@ -195,7 +199,7 @@ async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) ->
             ilx = task.il_count + np.arange(len(new_idx), dtype=np.int64)
             task.il_count += len(new_idx)
             nodes, pfns = await kernel.alloc_pages(
-                task.policy, kernel.cpu_node(task), ilx, flags=PageFlag.LRU | PageFlag.LOCKED,
+                task.policy, kernel.cpu_node(task), ilx, flags=PG_LRU | PG_LOCKED,
                 mapping=obj.oid, index=new_idx, owner=0, zero=False)
         # Someone may have inserted some of these pages while we allocated.
         raced = obj.cache[new_idx] != 0
@@ -220,13 +224,13 @@ async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) ->
             raise
         for n in np.unique(ins_nodes).tolist():
             sel = ins_pfns[ins_nodes == n]
-            kernel.tables[n].flags[sel] |= PageFlag.UPTODATE
+            kernel.tables[n].flags[sel] |= PG_UPTODATE
             kernel.locks.unlock(n, sel)
         entries = obj.cache[idx]
     nodes, pfns = pte_node(entries), pte_pfn(entries)
     for n in np.unique(nodes).tolist():
         sel = np.flatnonzero(nodes == n)
-        locked = (kernel.tables[n].flags[pfns[sel]] & PageFlag.LOCKED) != 0
+        locked = (kernel.tables[n].flags[pfns[sel]] & PG_LOCKED) != 0
         if locked.any():
             raise _Retry(n, int(pfns[sel[np.flatnonzero(locked)[0]]]))
     return entries
@@ -247,7 +251,7 @@ async def _alloc_shm_pages(kernel, task: Task, obj, idx: np.ndarray):
             policy = shared if shared is not None else task.policy
             nodes[sel], pfns[sel] = await kernel.alloc_pages(
                 policy, kernel.cpu_node(task), idx[sel] + obj.oid,
-                flags=PageFlag.LRU | PageFlag.LOCKED, mapping=obj.oid, index=idx[sel], owner=0)
+                flags=PG_LRU | PG_LOCKED, mapping=obj.oid, index=idx[sel], owner=0)
             done[sel] = True
     except BaseException:
         for n in np.unique(nodes[done]).tolist():

@@ -48,7 +48,16 @@ from numaemu import protocol as P
 from numaemu.errors import NumaError
 
 from .filemap import cache_entry
-from .pages import PageFlag
+from .pages import (
+    PG_ACTIVE,
+    PG_ANON,
+    PG_DIRTY,
+    PG_ISOLATED,
+    PG_LOCKED,
+    PG_LRU,
+    PG_UPTODATE,
+    PG_WRITEBACK,
+)
 from .rmap import remove_migration_entries, try_to_migrate
 from .shootdown import flush_tlb
 
@@ -63,7 +72,10 @@ LOCK_TIMEOUT = 30.0
 HOLD = 0.01
 
 #: Flags that travel to the new page at step 13.
-MIGRATED_FLAGS = int(PageFlag.UPTODATE | PageFlag.DIRTY | PageFlag.ANON | PageFlag.ACTIVE)
+MIGRATED_FLAGS = int(PG_UPTODATE | PG_DIRTY | PG_ANON | PG_ACTIVE)
+#: Batches of one (source, target) group in flight at once: while one batch copies, the
+#: next one's TLB shootdown runs ("allocation and invalidation of a batch can overlap").
+PIPELINE = 2
 
 
 @dataclass
@@ -79,27 +91,25 @@ class MigrateStats:
 
 async def isolate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarray:
     """isolate_lru_page for each page: +1 reference, off the LRU; False where not possible
-    (already isolated by another migration, or not on an LRU)."""
+    (already isolated by another migration, or not on an LRU yet).
+
+    The coordinator's PG_lru is the truth; the node's LRU lists follow it by messages that
+    need no reply (the node serves them in order), so isolation costs no round trip.
+    """
     ok = np.zeros(len(pfns), dtype=bool)
     key = nodes.astype(np.int64) << 40 | pfns
     _, first = np.unique(key, return_index=True)  # a page listed twice is isolated once
     for n in np.unique(nodes).tolist():
         sel = first[nodes[first] == n]
         table = kernel.tables[n]
-        free = (table.flags[pfns[sel]] & PageFlag.ISOLATED) == 0
-        sel = sel[free]
+        sel = sel[(table.flags[pfns[sel]] & PG_LRU) != 0]
         if len(sel) == 0:
             continue
-        table.flags[pfns[sel]] |= PageFlag.ISOLATED  # claim them before awaiting
-        table.refcount[pfns[sel]] += 1
-        reply = await kernel.node(n).peer.call(P.Isolate(pfns=pfns[sel].astype(P.PFN)))
-        on_lru = np.frombuffer(reply["isolated"], dtype=P.PROT) != 0
-        active = np.frombuffer(reply["active"], dtype=P.PROT) != 0
-        table.flags[pfns[sel[active]]] |= PageFlag.ACTIVE
-        ok[sel[on_lru]] = True
-        miss = pfns[sel[~on_lru]]
-        table.flags[miss] &= ~int(PageFlag.ISOLATED)
-        table.refcount[miss] -= 1
+        got = pfns[sel]
+        table.flags[got] = (table.flags[got] & ~int(PG_LRU)) | PG_ISOLATED
+        table.refcount[got] += 1
+        ok[sel] = True
+        await kernel.node(n).peer.send(P.Isolate(pfns=got.astype(P.PFN)))
     return ok
 
 
@@ -109,8 +119,8 @@ async def putback_pages(kernel, node: int, pfns: np.ndarray) -> None:
     if len(pfns) == 0:
         return
     table = kernel.tables[node]
-    active = (table.flags[pfns] & PageFlag.ACTIVE) != 0
-    table.flags[pfns] &= ~int(PageFlag.ISOLATED | PageFlag.ACTIVE)
+    active = (table.flags[pfns] & PG_ACTIVE) != 0
+    table.flags[pfns] = (table.flags[pfns] & ~int(PG_ISOLATED)) | PG_LRU
     await kernel.node(node).peer.send(P.Putback(pfns=pfns.astype(P.PFN),
                                                 active=active.astype(P.PROT)))
     await kernel.put_pages(np.full(len(pfns), node, dtype=np.int16), pfns)
@@ -139,10 +149,8 @@ async def migrate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray, targets: np
                 await asyncio.sleep(0)  # let the holders of busy pages run
             for s, t in sorted({(int(nodes[i]), int(targets[i])) for i in pending}):
                 group = pending[(nodes[pending] == s) & (targets[pending] == t)]
-                for start in range(0, len(group), batch):
-                    sel = group[start : start + batch]
-                    rc[sel] = await unmap_and_move(kernel, s, t, pfns[sel], sync=sync,
-                                                   cpu_node=cpu_node)
+                chunks = [group[i : i + batch] for i in range(0, len(group), batch)]
+                await _run_batches(kernel, s, t, pfns, chunks, rc, sync, cpu_node)
             if (rc == -errno.ENOMEM).any():
                 out_of_memory = NumaError(errno.ENOMEM, "no free frames on the target node")
                 break
@@ -157,6 +165,22 @@ async def migrate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray, targets: np
     if out_of_memory is not None:
         raise out_of_memory
     return rc
+
+
+async def _run_batches(kernel, src: int, dst: int, pfns: np.ndarray, chunks: list,
+                       rc: np.ndarray, sync: bool, cpu_node: int) -> None:
+    """unmap_and_move each chunk, ``PIPELINE`` of them in flight at once."""
+    slots = asyncio.Semaphore(PIPELINE)
+
+    async def one(sel: np.ndarray) -> None:
+        async with slots:
+            rc[sel] = await unmap_and_move(kernel, src, dst, pfns[sel], sync=sync,
+                                           cpu_node=cpu_node)
+
+    results = await asyncio.gather(*(one(sel) for sel in chunks), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 # -- Part B: one batch, steps 1-20 ---------------------------------------------------------
@@ -209,7 +233,7 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
         go[idx[~got]] = False
     try:
         # Step 2: writeback must be complete.
-        wb = go & ((told.flags[old] & PageFlag.WRITEBACK) != 0)
+        wb = go & ((told.flags[old] & PG_WRITEBACK) != 0)
         if wb.any():
             if not sync:
                 rc[wb] = -errno.EBUSY
@@ -223,7 +247,7 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
         # Step 4: they carry the old page's settings (mapping, index, anon).
         g = np.flatnonzero(go)
         o, w = old[g], new_of[g]
-        tnew.flags[w] = PageFlag.LOCKED | (told.flags[o] & PageFlag.ANON)
+        tnew.flags[w] = PG_LOCKED | (told.flags[o] & PG_ANON)
         tnew.refcount[w] = 1  # our reference, dropped at step 20
         tnew.mapping[w], tnew.index[w], tnew.owner[w] = told.mapping[o], told.index[o], \
             told.owner[o]
@@ -287,7 +311,7 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
             tnew.flags[mw] |= told.flags[mo] & MIGRATED_FLAGS
             told.flags[mo] &= ~MIGRATED_FLAGS
             # Step 15: a dirty page-cache page gets its writeback queued on the new page.
-            dirty_files = set(told.mapping[mo][(tnew.flags[mw] & PageFlag.DIRTY) != 0].tolist())
+            dirty_files = set(told.mapping[mo][(tnew.flags[mw] & PG_DIRTY) != 0].tolist())
             for oid in dirty_files - {0}:
                 kernel.queue_writeback(oid)
             # Step 16: migration entries become real PTEs to the new page.
@@ -348,8 +372,8 @@ def _undo_cache_switch(kernel, src: int, dst: int, old: np.ndarray, new: np.ndar
 async def _putback_new(kernel, node: int, pfns: np.ndarray) -> None:
     """Step 20 for the new pages: onto the LRU, and drop the reference migration held."""
     table = kernel.tables[node]
-    active = (table.flags[pfns] & PageFlag.ACTIVE) != 0
-    table.flags[pfns] &= ~int(PageFlag.ACTIVE)
+    active = (table.flags[pfns] & PG_ACTIVE) != 0
+    table.flags[pfns] |= PG_LRU
     await kernel.node(node).peer.send(P.Putback(pfns=pfns.astype(P.PFN),
                                                 active=active.astype(P.PROT)))
     await kernel.put_pages(np.full(len(pfns), node, dtype=np.int16), pfns)
@@ -358,5 +382,5 @@ async def _putback_new(kernel, node: int, pfns: np.ndarray) -> None:
 async def _put_old(kernel, node: int, pfns: np.ndarray) -> None:
     """Drop the isolation reference of old pages; they are free once nothing else holds them."""
     table = kernel.tables[node]
-    table.flags[pfns] &= ~int(PageFlag.ISOLATED)
+    table.flags[pfns] &= ~int(PG_ISOLATED)
     await kernel.put_pages(np.full(len(pfns), node, dtype=np.int16), pfns)

@@ -45,6 +45,17 @@ class PageFlag(IntFlag):
     ACTIVE = 1 << 7
 
 
+# Plain-int forms for the numpy arrays: IntFlag arithmetic builds enum objects (~1 us each).
+PG_LOCKED = int(PageFlag.LOCKED)
+PG_UPTODATE = int(PageFlag.UPTODATE)
+PG_DIRTY = int(PageFlag.DIRTY)
+PG_WRITEBACK = int(PageFlag.WRITEBACK)
+PG_LRU = int(PageFlag.LRU)
+PG_ANON = int(PageFlag.ANON)
+PG_ISOLATED = int(PageFlag.ISOLATED)
+PG_ACTIVE = int(PageFlag.ACTIVE)
+
+
 def make_ptes(node: int | np.ndarray, pfns: np.ndarray, writable: bool | np.ndarray) -> np.ndarray:
     """Present PTEs for frames ``pfns`` of ``node``."""
     ptes = PTE_PRESENT | (np.asarray(node, dtype=np.int64) << NODE_SHIFT) | pfns.astype(np.int64)
@@ -106,18 +117,18 @@ class PageLocks:
     def trylock(self, node: int, pfns: np.ndarray) -> np.ndarray:
         """Lock the pages that are unlocked; return the mask of those taken."""
         flags = self.tables[node].flags
-        free = (flags[pfns] & PageFlag.LOCKED) == 0
-        flags[pfns[free]] |= PageFlag.LOCKED
+        free = (flags[pfns] & PG_LOCKED) == 0
+        flags[pfns[free]] |= PG_LOCKED
         return free
 
     def unlock(self, node: int, pfns: np.ndarray) -> np.ndarray:
         """Unlock and wake everyone waiting on these pages (seed step 19); return the mask of
         pages that had waiters."""
-        return self._clear_and_wake(PageFlag.LOCKED, node, pfns)
+        return self._clear_and_wake(PG_LOCKED, node, pfns)
 
     def end_writeback(self, node: int, pfns: np.ndarray) -> None:
         """Writeback finished: wake those waiting for it (migration step 2)."""
-        self._clear_and_wake(PageFlag.WRITEBACK, node, pfns)
+        self._clear_and_wake(PG_WRITEBACK, node, pfns)
 
     def _clear_and_wake(self, bit: int, node: int, pfns: np.ndarray) -> np.ndarray:
         self.tables[node].flags[pfns] &= ~int(bit)
@@ -133,12 +144,12 @@ class PageLocks:
 
     async def wait_on_page_locked(self, node: int, pfn: int, timeout: float | None = None) -> None:
         """Sleep until the page is unlocked; takes no page reference (migration_entry_wait)."""
-        await self._wait(PageFlag.LOCKED, node, pfn, timeout)
+        await self._wait(PG_LOCKED, node, pfn, timeout)
 
     async def wait_on_page_writeback(self, node: int, pfn: int,
                                      timeout: float | None = None) -> None:
         """Sleep until writeback of the page has ended."""
-        await self._wait(PageFlag.WRITEBACK, node, pfn, timeout)
+        await self._wait(PG_WRITEBACK, node, pfn, timeout)
 
     async def _wait(self, bit: int, node: int, pfn: int, timeout: float | None) -> None:
         if not self.tables[node].flags[pfn] & bit:

@@ -10,9 +10,16 @@ from numaemu import protocol as P
 from numaemu.views import numa_maps_line
 
 from .mempolicy import policy_text
-from .pages import PTE_PRESENT, PTE_WRITE, PageFlag, pte_node, pte_pfn
-
-LRU_ACTIVE = 2
+from .pages import (
+    PG_ACTIVE,
+    PG_ANON,
+    PG_DIRTY,
+    PG_WRITEBACK,
+    PTE_PRESENT,
+    PTE_WRITE,
+    pte_node,
+    pte_pfn,
+)
 
 
 async def numa_maps(kernel, task) -> str:
@@ -36,14 +43,12 @@ async def numa_maps(kernel, task) -> str:
             table = kernel.tables[n]
             flags = table.flags[pfns[sel]]
             per_node[n] = int(sel.sum())
-            anon += int(np.count_nonzero(flags & PageFlag.ANON))
-            dirty += int(np.count_nonzero(((flags & PageFlag.DIRTY) != 0)
+            anon += int(np.count_nonzero(flags & PG_ANON))
+            dirty += int(np.count_nonzero(((flags & PG_DIRTY) != 0)
                                           | ((ptes[sel] & PTE_WRITE) != 0)))
-            writeback += int(np.count_nonzero(flags & PageFlag.WRITEBACK))
+            writeback += int(np.count_nonzero(flags & PG_WRITEBACK))
             mapmax = max(mapmax, int(table.mapcount[pfns[sel]].max()))
-            reply = await kernel.node(n).peer.call(P.LruState(pfns=pfns[sel].astype(P.PFN)))
-            active += int(np.count_nonzero(np.frombuffer(reply["state"], dtype=P.PROT)
-                                           == LRU_ACTIVE))
+            active += int(np.count_nonzero(flags & PG_ACTIVE))
         lines.append(numa_maps_line(
             vma.start * kernel.page_size, policy_text(policy),
             file=vma.obj.path_text if vma.obj is not None else None,

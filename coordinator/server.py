@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import time
 
@@ -281,5 +282,20 @@ class Coordinator:
 
 def run_coordinator(topology: Topology, cluster_id: str, endpoints: dict,
                     supervisor_pid: int = 0) -> None:
-    """Entry point of the coordinator process."""
-    asyncio.run(Coordinator(topology, cluster_id, endpoints, supervisor_pid).run())
+    """Entry point of the coordinator process.
+
+    ``NUMAEMU_PROFILE=FILE`` runs it under cProfile and writes the stats to FILE at exit
+    (``python -m pstats FILE``): the way to see where a slow path spends its time.
+    """
+    coordinator = Coordinator(topology, cluster_id, endpoints, supervisor_pid)
+    profile = os.environ.get("NUMAEMU_PROFILE")
+    if not profile:
+        asyncio.run(coordinator.run())
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(asyncio.run, coordinator.run())
+    finally:
+        profiler.dump_stats(profile)

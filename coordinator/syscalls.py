@@ -63,6 +63,8 @@ class Syscalls:
             "numastat": self.numastat,
             "tasks": self.tasks,
             "check": self.check,
+            "sysctl": self.sysctl,
+            "node_free_map": self.node_free_map,
             "shutdown": self.shutdown,
         }
 
@@ -351,7 +353,28 @@ class Syscalls:
 
     async def numastat(self, req: P.Numastat) -> dict:
         stats = await procfs.node_stats(self.k)
-        return {"nodes": {str(n): s for n, s in stats.items()}}
+        vmstat = {"pgmigrate_success": self.k.vmstat.pgmigrate_success,
+                  "pgmigrate_fail": self.k.vmstat.pgmigrate_fail}
+        return {"nodes": {str(n): s for n, s in stats.items()}, "vmstat": vmstat}
+
+    async def node_free_map(self, req: P.NodeFreeMap) -> dict:
+        self.k.task(req.pid)
+        reply = await self.k.node(req.node).peer.call(P.FreeMap())
+        return {"bits": reply["bits"], "nr_free": reply["nr_free"]}
+
+    async def sysctl(self, req: P.Sysctl) -> dict:
+        task = self.k.task(req.pid)
+        tunables = {"migrate_batch": (1, 1 << 20)}
+        if req.name not in tunables:
+            raise NumaError(errno.ENOENT, f"no tunable {req.name!r} (have: {sorted(tunables)})")
+        if req.value is not None:
+            if not task.privileged:
+                raise NumaError(errno.EPERM, "setting a tunable needs privileged=True")
+            lo, hi = tunables[req.name]
+            if not lo <= req.value <= hi:
+                raise NumaError(errno.EINVAL, f"{req.name} must be in {lo}..{hi}")
+            setattr(self.k, req.name, req.value)
+        return {"value": getattr(self.k, req.name)}
 
     async def check(self, req: P.Check) -> dict:
         from .invariants import check

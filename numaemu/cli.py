@@ -221,6 +221,26 @@ def cmd_run(args) -> int:
         return 127
 
 
+def cmd_migratepages(args) -> int:
+    """numactl's migratepages: move a task's pages from some nodes to others."""
+    from .nodelist import parse_nodes
+    from .task import Task
+
+    address = resolve_address(args.address)
+    info = _call(args, "info")
+    topo = Topology.from_dict(info["topology"])
+    try:
+        old = parse_nodes(args.from_nodes, topo.nodes)
+        new = parse_nodes(args.to_nodes, topo.nodes)
+    except ValueError as exc:
+        print(f"numaemu migratepages: {exc}", file=sys.stderr)
+        return 1
+    # Like migratepages run by root: the caller has CAP_SYS_NICE, so shared pages move too.
+    with Task(address, privileged=True, command="migratepages") as task:
+        task.migrate_pages(args.pid, old, new)  # a positive count is ignored, as numactl does
+    return 0
+
+
 def cmd_node(args) -> int:
     from nodes.main import main as node_main
 
@@ -240,7 +260,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    return run_bench(args.what, json_out=args.json, pages=args.pages, repeat=args.repeat)
+    return run_bench(args.what, json_out=args.json, pages=args.pages, repeat=args.repeat,
+                     batch=args.batch)
 
 
 # -- parser ------------------------------------------------------------------------------
@@ -301,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("migratepages", help="move a task's pages between nodes, like "
+                       "numactl's migratepages")
+    p.add_argument("pid", type=int)
+    p.add_argument("from_nodes", metavar="FROM-NODES")
+    p.add_argument("to_nodes", metavar="TO-NODES")
+    p.set_defaults(func=cmd_migratepages)
+
     p = sub.add_parser("node", help="join a cluster as one node (e.g. from another host)")
     p.add_argument("--node", type=int, required=True)
     p.add_argument("--data-endpoint")
@@ -308,10 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("bench", help="measure the emulator against same-run baselines")
-    p.add_argument("what", choices=["startup", "fault", "access", "all"])
+    p.add_argument("what", choices=["startup", "fault", "access", "migrate", "all"])
     p.add_argument("--json", action="store_true")
-    p.add_argument("--pages", type=int, default=None)
+    p.add_argument("--pages", type=int, default=None,
+                   help="pages to move (migrate: default 16384 = 64 MiB)")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--batch", type=int, default=None,
+                   help="migration batch size (default: the cluster's, 512)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -208,6 +208,10 @@ class Cluster:
         nodes = self._call("numastat")["nodes"]
         return {int(n): dict(s["numastat"]) for n, s in nodes.items()}
 
+    def vmstat(self) -> dict[str, int]:
+        """Cluster-wide migration counters: pgmigrate_success, pgmigrate_fail."""
+        return dict(self._call("numastat")["vmstat"])
+
     def free_frames(self) -> dict[int, int]:
         """Free frames per node."""
         nodes = self._call("numastat")["nodes"]

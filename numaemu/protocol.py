@@ -360,6 +360,23 @@ class Tasks:
     pass
 
 
+@request("node_free_map")
+class NodeFreeMap:
+    """A node's free bitmap (benchmarks find free frames for their baseline copies)."""
+
+    pid: int
+    node: int
+
+
+@request("sysctl")
+class Sysctl:
+    """Read or (privileged) set a tunable, like /proc/sys/vm: ``migrate_batch``."""
+
+    pid: int
+    name: str
+    value: int | None = None
+
+
 @request("check")
 class Check:
     """Verify the coordinator's invariants against the nodes (ARCHITECTURE.md 1, 3)."""

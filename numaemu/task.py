@@ -459,6 +459,10 @@ class Task:
                                 new_nodes=_nodes_arg(new_nodes))
         return reply["not_migrated"]
 
+    def sysctl(self, name: str, value: int | None = None) -> int:
+        """Read (or, privileged, set) a cluster tunable such as ``migrate_batch``."""
+        return self._sync_call("sysctl", name=name, value=value)["value"]
+
     @contextmanager
     def pin(self, addr: int, length: int):
         """Hold references on the pages of the range (get_user_pages): they cannot migrate
