@@ -174,7 +174,11 @@ class Kernel:
             raise NumaError(12, f"node {node} has {self.free[node]} free frames, {count} wanted")
         self.free[node] -= count  # reserved before awaiting, as in alloc_pages
         try:
-            pfns = await self._take(node, count)
+            if count <= len(self.pcp[node]) or count < PCP_LOW:
+                pfns = await self._take(node, count)
+            else:  # a big batch: straight from the node, not zeroed (the copy fills them)
+                reply = await self.node(node).peer.call(P.Alloc(count=count, zero=False))
+                pfns = np.frombuffer(reply["pfns"], dtype=P.PFN).astype(np.int64)
         except BaseException:
             self.free[node] += count
             raise

@@ -32,32 +32,46 @@ TASK_SIZE = 1 << 47
 
 
 class RWLock:
-    """An asyncio reader-writer lock (the mmap_lock): faults read, mmap/munmap/mbind write."""
+    """An asyncio reader-writer lock (the mmap_lock): faults read, mmap/munmap/mbind write.
+
+    Uncontended acquire and release do not touch the event loop (faults take it on every
+    request); only a waiter creates a future.
+    """
 
     def __init__(self) -> None:
         self._readers = 0
         self._writer = False
-        self._cond = asyncio.Condition()
+        self._waiters: list[asyncio.Future] = []
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
 
     async def acquire_read(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer)
-            self._readers += 1
+        while self._writer:
+            await self._wait()
+        self._readers += 1
 
     async def release_read(self) -> None:
-        async with self._cond:
-            self._readers -= 1
-            self._cond.notify_all()
+        self._readers -= 1
+        if self._readers == 0 and self._waiters:
+            self._wake()
 
     async def acquire_write(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._writer = True
+        while self._writer or self._readers:
+            await self._wait()
+        self._writer = True
 
     async def release_write(self) -> None:
-        async with self._cond:
-            self._writer = False
-            self._cond.notify_all()
+        self._writer = False
+        self._wake()
 
     def read(self) -> _Held:
         return _Held(self.acquire_read, self.release_read)

@@ -352,16 +352,24 @@ class Task:
 
     def _invalidate(self, vpns: np.ndarray, write_only: bool) -> None:
         """Called by the shootdown thread: drop entries once no access is in flight."""
+        if len(vpns) == 0:
+            return
+        idx = vpns.astype(np.int64) - self._base_vpn
+        # Runs of consecutive pages are cleared with one slice assignment each.
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [len(idx)])).tolist()
         with self._access_lock:
             if self._fault_pending:
                 self._inval_log.append(vpns)
             rtlb, wtlb = self._rtlb, self._wtlb
             size = len(rtlb)
-            for i in (vpns.astype(np.int64) - self._base_vpn).tolist():
-                if 0 <= i < size:
-                    wtlb[i] = None
+            for a, b in zip(starts, ends):
+                lo, hi = max(0, int(idx[a])), min(size, int(idx[b - 1]) + 1)
+                if lo < hi:
+                    wtlb[lo:hi] = [None] * (hi - lo)
                     if not write_only:
-                        rtlb[i] = None
+                        rtlb[lo:hi] = [None] * (hi - lo)
             self._totals["invalidations"] += 1
 
     def _drop_range(self, addr: int, length: int) -> None:
