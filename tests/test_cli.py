@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,30 @@ def test_demo_runs_end_to_end():
         rows["first touch from a CPU of node 0"][4])
     assert "interleave:0-1" in out.stdout
     assert "no process or segment left" in out.stdout
+
+
+def test_migratepages_moves_a_running_task_and_bench_migrate_json_parses(detached, tmp_path):
+    script = tmp_path / "stay.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, "-m", "numaemu", "run", "--membind=0", "--",
+                             sys.executable, str(script), "stay"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=detached)
+    try:
+        pid = int(proc.stdout.readline().split()[0])
+        out = numaemu("migratepages", str(pid), "0", "1", env=detached)
+        assert out.returncode == 0, out.stderr
+        maps = numaemu("numa-maps", str(pid), env=detached).stdout
+        assert "N1=8" in maps and "N0=" not in maps
+        bad = numaemu("migratepages", str(pid), "0", "9", env=detached)
+        assert bad.returncode == 1 and "invalid" in bad.stderr
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+    out = numaemu("bench", "migrate", "--pages", "256", "--repeat", "1", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout)
+    assert set(figures) == {"pages", "bytes", "seconds", "gb_per_s", "memcpy_gb_per_s",
+                            "ratio"}
+    assert figures["pages"] == 256 and figures["bytes"] == 256 * 4096
+    assert figures["ratio"] == pytest.approx(figures["gb_per_s"] / figures["memcpy_gb_per_s"],
+                                             rel=0.5)
