@@ -48,8 +48,9 @@ class Coordinator:
     """Owns the sockets and the loop; the state is in ``Kernel``, the handlers in ``Syscalls``."""
 
     def __init__(self, topology: Topology, cluster_id: str, endpoints: dict,
-                 supervisor_pid: int = 0) -> None:
+                 supervisor_pid: int = 0, inject_dilation: float | None = None) -> None:
         self.kernel = Kernel(topology, cluster_id)
+        self.inject_dilation = inject_dilation
         self.kernel.schedule_reap = self.schedule_reap
         self.kernel.spawn = self.spawn
         self.endpoints = endpoints
@@ -281,13 +282,13 @@ class Coordinator:
 
 
 def run_coordinator(topology: Topology, cluster_id: str, endpoints: dict,
-                    supervisor_pid: int = 0) -> None:
+                    supervisor_pid: int = 0, inject_dilation: float | None = None) -> None:
     """Entry point of the coordinator process.
 
     ``NUMAEMU_PROFILE=FILE`` runs it under cProfile and writes the stats to FILE at exit
     (``python -m pstats FILE``): the way to see where a slow path spends its time.
     """
-    coordinator = Coordinator(topology, cluster_id, endpoints, supervisor_pid)
+    coordinator = Coordinator(topology, cluster_id, endpoints, supervisor_pid, inject_dilation)
     profile = os.environ.get("NUMAEMU_PROFILE")
     if not profile:
         asyncio.run(coordinator.run())

@@ -83,6 +83,7 @@ class Syscalls:
             "segments": [{"node": n.node, "path": n.path, "frames": n.frames, "host": n.host,
                           "data_endpoint": n.data_endpoint} for n in k.nodes.values()],
             "supervisor_pid": self.server.supervisor_pid,
+            "inject_dilation": self.server.inject_dilation,
         }
 
     async def attach(self, req: P.Attach) -> dict:

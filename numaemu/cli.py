@@ -79,7 +79,7 @@ def cmd_up(args) -> int:
             sys.stdout.flush()
 
     return supervise(topology, log_level=args.log_level, listen=args.listen,
-                     ready_out=_Announce())
+                     ready_out=_Announce(), inject_delays=args.inject_delays)
 
 
 def _up_detached(args, topology: Topology) -> int:
@@ -89,6 +89,8 @@ def _up_detached(args, topology: Topology) -> int:
            json.dumps(topology.to_dict()), "--log-level", args.log_level, "--no-stderr"]
     if args.listen:
         cmd += ["--listen", args.listen]
+    if args.inject_delays:
+        cmd += ["--inject-delays", str(args.inject_delays)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     line = proc.stdout.readline()
@@ -289,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "address")
     p.add_argument("--listen", help="tcp://HOST:PORT to serve on tcp (4 consecutive ports and "
                    "node data ports) instead of ipc")
+    p.add_argument("--inject-delays", type=float, metavar="DILATION", default=None,
+                   help="tasks busy-wait each access's modeled latency x DILATION")
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=cmd_up)
 

@@ -54,10 +54,12 @@ class Cluster:
     """
 
     def __init__(self, topology: Topology | None = None, *, log_level: str = "WARNING",
-                 listen: str | None = None, start: bool = True) -> None:
+                 listen: str | None = None, inject_delays: float | None = None,
+                 start: bool = True) -> None:
         self.topology = topology if topology is not None else Topology.default()
         self.log_level = log_level
         self.listen = listen
+        self.inject_delays = inject_delays  # dilation every task injects by default
         self.address: str | None = None
         self.cluster_id: str | None = None
         self.run_dir: str | None = None
@@ -97,6 +99,8 @@ class Cluster:
                "--log-level", self.log_level, "--watch-stdin"]
         if self.listen:
             cmd += ["--listen", self.listen]
+        if self.inject_delays:
+            cmd += ["--inject-delays", str(float(self.inject_delays))]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       start_new_session=True)
         try:
@@ -175,12 +179,12 @@ class Cluster:
         return self.address
 
     def attach(self, cpu: int | None = None, privileged: bool = False,
-               uid: int | None = None) -> Task:
+               uid: int | None = None, inject: float | None | bool = True) -> Task:
         """A client task in this process, on ``cpu``; closed when the cluster stops.
 
         ``uid`` is the emulated owner (default: this process's uid); acting on another
         owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do."""
-        task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid)
+        task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid, inject=inject)
         self._tasks.append(task)
         return task
 

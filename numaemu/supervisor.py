@@ -41,11 +41,13 @@ STOP_TIMEOUT = 10.0
 ORPHAN_GRACE = 8.0
 
 
-def _coordinator_main(topology_dict: dict, cluster_id: str, endpoints: dict, sup: int) -> None:
+def _coordinator_main(topology_dict: dict, cluster_id: str, endpoints: dict, sup: int,
+                      inject: float | None) -> None:
     numaemu_log.set_where("coordinator")
     from coordinator.server import run_coordinator
 
-    run_coordinator(Topology.from_dict(topology_dict), cluster_id, endpoints, sup)
+    run_coordinator(Topology.from_dict(topology_dict), cluster_id, endpoints, sup,
+                    inject_dilation=inject)
 
 
 def _node_main(node: int, coordinator: str, cluster_id: str, frames: int, page_size: int,
@@ -79,7 +81,8 @@ def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
 
 
 def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | None = None,
-              watch_stdin: bool = False, ready_out=None, stderr_logs: bool = True) -> int:
+              watch_stdin: bool = False, ready_out=None, stderr_logs: bool = True,
+              inject_delays: float | None = None) -> int:
     """Run a cluster until told to stop; return the exit status."""
     sweep_leftovers()
     run = RunDir.create(listen)
@@ -99,7 +102,7 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
     try:
         procs["coordinator"] = ctx.Process(
             target=_coordinator_main, name="numaemu-coordinator",
-            args=(topology.to_dict(), run.cluster_id, endpoints, os.getpid()))
+            args=(topology.to_dict(), run.cluster_id, endpoints, os.getpid(), inject_delays))
         procs["coordinator"].start()
         for node in topology.nodes:
             procs[f"node{node}"] = ctx.Process(
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default=None)
     parser.add_argument("--watch-stdin", action="store_true")
     parser.add_argument("--no-stderr", action="store_true")
+    parser.add_argument("--inject-delays", type=float, default=None)
     args = parser.parse_args(argv)
     topology = Topology.from_dict(json.loads(args.topology))
     ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(devnull, sys.stdout.fileno())
     return supervise(topology, log_level=args.log_level, listen=args.listen,
                      watch_stdin=args.watch_stdin, ready_out=ready_out,
-                     stderr_logs=not args.no_stderr)
+                     stderr_logs=not args.no_stderr, inject_delays=args.inject_delays)
 
 
 if __name__ == "__main__":

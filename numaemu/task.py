@@ -40,7 +40,7 @@ import zmq
 
 from . import protocol as P
 from .errors import ClusterError, NumaError
-from .latency import LatencyModel
+from .latency import MIGRATION_WAIT_NS, LatencyModel, Pacer
 from .topology import Topology
 from .transport import Connection, context
 
@@ -89,7 +89,8 @@ class Task:
     """
 
     def __init__(self, address: str, *, cpu: int | None = None, privileged: bool = False,
-                 command: str | None = None, uid: int | None = None) -> None:
+                 command: str | None = None, uid: int | None = None,
+                 inject: float | None | bool = True) -> None:
         self.address = address
         self._conn = Connection(address)
         self._req_lock = threading.Lock()
@@ -118,10 +119,20 @@ class Task:
         self._tnode: list[int] = []
         self._zero = memoryview(bytes(self.page_size))
         nn = self.topology.num_nodes
-        self._pages_by_node = [0] * nn
+        self._pages_by_node = [0] * nn  # since the last fold, at the current CPU node
         self._bytes_by_node = [0] * nn
-        self._totals = {"local_accesses": 0, "remote_accesses": 0, "vtime_ns": 0.0,
-                        "faults": 0, "migration_waits": 0, "invalidations": 0}
+        self._pair_pages = [[0] * nn for _ in range(nn)]  # [cpu node][memory node]
+        self._pair_bytes = [[0] * nn for _ in range(nn)]
+        self._totals = {"local_accesses": 0, "remote_accesses": 0, "local_bytes": 0,
+                        "remote_bytes": 0, "vtime_ns": 0.0, "access_ns": 0.0,
+                        "fault_ns": 0.0, "migration_wait_ns": 0.0, "faults": 0,
+                        "migration_waits": 0, "invalidations": 0, "injected_ns": 0.0}
+        # Delay injection: True = the cluster's setting, None/False = off, or a dilation.
+        self._pacer: Pacer | None = None
+        if inject is True:
+            inject = reply.get("inject_dilation")
+        if inject:
+            self._pacer = Pacer(float(inject))
         self._fault_pending = False
         self._inval_log: list[np.ndarray] = []
         self._segments: dict[int, Any] = {}
@@ -156,30 +167,39 @@ class Task:
             self._views[seg["node"]] = memoryview(s.map)
 
     def _build_access(self) -> None:
+        """(Re)build the read/write closures: after a CPU move or a change of injection."""
         rtlb, wtlb, tnode = self._rtlb, self._wtlb, self._tnode
         acquire, release = self._access_lock.acquire, self._access_lock.release
         base, shift, ps = self._base_vpn, self._shift, self.page_size
         mask = ps - 1
         pages, nbytes = self._pages_by_node, self._bytes_by_node
         slow_read, slow_write = self._slow_read, self._slow_write
+        pacer = self._pacer
+        pay = pacer.pay if pacer is not None else None
+        lat, per_byte = self._latency.row(self.node)
 
         def read(addr: int, n: int) -> bytes:
             off = addr & mask
             if n > 0 and off + n <= ps:
                 i = (addr >> shift) - base
                 if i >= 0:
+                    out = None
                     acquire()
                     try:
                         mv = rtlb[i]
                         if mv is not None:
+                            out = mv[off : off + n].tobytes()
                             nd = tnode[i]
                             pages[nd] += 1
                             nbytes[nd] += n
-                            return mv[off : off + n].tobytes()
                     except IndexError:
                         pass
                     finally:
                         release()
+                    if out is not None:
+                        if pay is not None:  # outside the lock: shootdowns go on
+                            pay(lat[nd] + n * per_byte[nd])
+                        return out
             return slow_read(addr, n)
 
         def write(addr: int, data) -> None:
@@ -190,6 +210,7 @@ class Task:
                 if n > 0 and off + n <= ps:
                     i = (addr >> shift) - base
                     if i >= 0:
+                        nd = -1
                         acquire()
                         try:
                             mv = wtlb[i]
@@ -198,15 +219,25 @@ class Task:
                                 nd = tnode[i]
                                 pages[nd] += 1
                                 nbytes[nd] += n
-                                return
                         except IndexError:
                             pass
                         finally:
                             release()
+                        if nd >= 0:
+                            if pay is not None:
+                                pay(lat[nd] + n * per_byte[nd])
+                            return
             slow_write(addr, data)
 
         self.read = read
         self.write = write
+
+    def inject_delays(self, dilation: float | None) -> None:
+        """Busy-wait each access's modeled cost times ``dilation`` (None: stop injecting),
+        so that wall-clock timings show the model's ratios over Python's own overhead."""
+        with self._access_lock:
+            self._pacer = Pacer(dilation) if dilation else None
+            self._build_access()
 
     # -- the access path (documented forms; instances use the closures above) -------
     def read(self, addr: int, n: int) -> bytes:  # noqa: F811 (replaced per instance)
@@ -228,16 +259,21 @@ class Task:
         i1 = ((addr + max(n, 1) - 1) >> self._shift) - self._base_vpn + 1
         return i0, i1
 
-    def _account(self, i0: int, i1: int, first_off: int, last_end: int) -> None:
+    def _account(self, i0: int, i1: int, first_off: int, last_end: int) -> float:
         """Charge pages and bytes of a multi-page access to the nodes they live on."""
         tn = self._tnode[i0:i1]
         ps = self.page_size
+        cost = 0.0
+        lat, per_byte = self._latency.row(self.node) if self._pacer is not None else ((), ())
         for nd in set(tn):
             c = tn.count(nd)
+            b = c * ps - (first_off if tn[0] == nd else 0) - (
+                ps - last_end if tn[-1] == nd else 0)
             self._pages_by_node[nd] += c
-            self._bytes_by_node[nd] += c * ps
-        self._bytes_by_node[tn[0]] -= first_off
-        self._bytes_by_node[tn[-1]] -= ps - last_end
+            self._bytes_by_node[nd] += b
+            if lat:
+                cost += c * lat[nd] + b * per_byte[nd]
+        return cost
 
     def _slow_read(self, addr: int, n: int) -> bytes:
         i0, i1 = self._span(addr, n)
@@ -256,13 +292,16 @@ class Task:
                         ents[0] = ents[0][off:]
                         ents[-1] = ents[-1][:end]
                         out = b"".join(ents)
-                    self._account(i0, i1, off, end)
-                    return out
+                    cost = self._account(i0, i1, off, end)
+                    break
                 missing = [i0 + k for k, e in enumerate(ents) if e is None]
                 missing += range(i0 + len(ents), i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=False)
+        if self._pacer is not None:
+            self._pacer.pay(cost)
+        return out
 
     def _slow_write(self, addr: int, data) -> None:
         try:
@@ -291,13 +330,15 @@ class Task:
                             mv[:] = src[pos : pos + ps]
                             pos += ps
                         ents[-1][:end] = src[pos:]
-                    self._account(i0, i1, off, end)
-                    return
+                    cost = self._account(i0, i1, off, end)
+                    break
                 missing = [i0 + k for k, e in enumerate(ents) if e is None]
                 missing += range(i0 + len(ents), i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=True)
+        if self._pacer is not None:
+            self._pacer.pay(cost)
 
     def _fault(self, indices: list[int], write: bool) -> None:
         """One fault request for all missing pages of an access; install the replies."""
@@ -323,8 +364,12 @@ class Task:
                     stale.update((invalidated.astype(np.int64) - self._base_vpn).tolist())
                 self._inval_log.clear()
                 self._install(got.tolist(), nodes, pfns, prot, stale)
-            self._totals["faults"] += 1
-            self._totals["migration_waits"] += reply.get("waits", 0)
+            waits = reply.get("waits", 0)
+            t = self._totals
+            t["faults"] += 1
+            t["fault_ns"] += self._latency.fault_ns(len(got))
+            t["migration_waits"] += waits
+            t["migration_wait_ns"] += waits * MIGRATION_WAIT_NS
 
     def _install(self, idx: list[int], nodes, pfns, prot, stale: set) -> None:
         """Fill TLB entries (caller holds the access lock)."""
@@ -502,25 +547,46 @@ class Task:
         with self._access_lock:
             self._fold_stats()
             self.cpu, self.node = reply["cpu"], reply["node"]
+            self._build_access()  # the latency row of the new node
 
     # -- statistics ----------------------------------------------------------------
     def _fold_stats(self) -> None:
-        """Charge the per-node counters to the totals at the current CPU node (lock held)."""
+        """Charge the counters since the last fold at the current CPU node (lock held)."""
         t = self._totals
         pages, nbytes = self._pages_by_node, self._bytes_by_node
-        t["vtime_ns"] += self._latency.cost_ns(self.node, pages, nbytes)
-        local = pages[self.node]
-        t["local_accesses"] += local
-        t["remote_accesses"] += sum(pages) - local
+        t["access_ns"] += self._latency.cost_ns(self.node, pages, nbytes)
+        row_pages, row_bytes = self._pair_pages[self.node], self._pair_bytes[self.node]
         for j in range(len(pages)):
+            row_pages[j] += pages[j]
+            row_bytes[j] += nbytes[j]
             pages[j] = 0
             nbytes[j] = 0
 
     def stats(self) -> dict:
-        """Access statistics: local/remote page accesses, virtual ns, faults, waits."""
+        """What the task's accesses cost in the latency model.
+
+        ``local_accesses``/``remote_accesses`` count pages touched by accesses (an access
+        spanning k pages counts k), ``*_bytes`` the bytes; ``accesses_by_pair`` and
+        ``bytes_by_pair`` split them by [CPU node][memory node].  ``vtime_ns`` is the
+        virtual clock: ``access_ns`` + ``fault_ns`` + ``migration_wait_ns``.  ``faults``
+        counts fault requests, ``migration_waits`` faults that waited on a page under
+        migration, ``injected_ns`` the real time spent in delay injection.
+        """
         with self._access_lock:
             self._fold_stats()
-            return dict(self._totals)
+            out = dict(self._totals)
+            pp = [list(row) for row in self._pair_pages]
+            pb = [list(row) for row in self._pair_bytes]
+            if self._pacer is not None:
+                out["injected_ns"] = self._pacer.injected_ns
+        out["local_accesses"] = sum(pp[i][i] for i in range(len(pp)))
+        out["remote_accesses"] = sum(map(sum, pp)) - out["local_accesses"]
+        out["local_bytes"] = sum(pb[i][i] for i in range(len(pb)))
+        out["remote_bytes"] = sum(map(sum, pb)) - out["local_bytes"]
+        out["vtime_ns"] = out["access_ns"] + out["fault_ns"] + out["migration_wait_ns"]
+        out["accesses_by_pair"] = pp
+        out["bytes_by_pair"] = pb
+        return out
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
