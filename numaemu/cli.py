@@ -256,7 +256,7 @@ def cmd_node(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, plot=args.plot or None)
 
 
 def cmd_bench(args) -> int:
@@ -277,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("demo", help="start the built-in cluster and show placement at work")
-    p.add_argument("--quick", action="store_true", help="fewer pages (for tests)")
+    p.add_argument("--quick", action="store_true", help="fewer pages, shorter phases")
+    p.add_argument("--plot", default="numaemu-demo.png",
+                   help="where to write the latency plot (PNG); empty: no plot")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("up", help="start a cluster (foreground until Ctrl-C, or --detach)")

@@ -1,90 +1,206 @@
-"""``numaemu demo``: start the built-in cluster and show where pages land under each policy."""
+"""``numaemu demo``: the page-migration document's story, on the built-in cluster.
+
+A workload task allocates and works on its memory from a CPU of node 0 (local,
+fast).  The scheduler moves it to a CPU of node 1 (``sched_setaffinity``): its
+memory is now remote and every access is slower.  ``migrate_pages`` moves its
+pages to node 1 while it keeps running (its accesses meet migration entries and
+wait on page locks), and its accesses are local and fast again.
+
+The workload runs in its own client process with delay injection on, so its
+wall-clock latency shows the model too; it records one sample per window of
+accesses.  The demo prints a table per phase and writes a PNG plot of latency
+over time with the migration marked.
+"""
 
 from __future__ import annotations
 
+import os
+import random
 import time
+from dataclasses import dataclass
 
 from .cluster import Cluster
-from .constants import Mode
+from .latency import DEFAULT_DILATION
 from .topology import Topology
-from .views import hardware_text, numastat_text
 
-PAGES = 256
-
-
-def _placement(task, mapping) -> dict[int, int]:
-    status = task.move_pages(mapping.pages)
-    out: dict[int, int] = {}
-    for s in status:
-        out[s] = out.get(s, 0) + 1
-    return out
+PHASES = ("local", "moved to node 1", "migrating", "local again")
+CTL_COMMAND, CTL_READY = 0, 1  # bytes of the control page
+RUN, MOVE, STOP = 0, 1, 2
 
 
-def _touch(task, mapping) -> None:
-    """First touch of the whole mapping: one access, so one batched fault."""
-    task.write(mapping.addr, bytes([1]) * mapping.length)
+def workload(task, ctl_name: str, pages: int, window: int, cpus_node1: list[int]):
+    """The demo's workload (its own client process): random 8-byte reads over its memory.
+
+    Returns samples (wall time, accesses, virtual ns, wall ns, local accesses, waits) per
+    window; moves itself to node 1 when the control page says so.
+    """
+    ctl = task.mmap(task.page_size, shared=ctl_name)
+    m = task.mmap(pages * task.page_size)
+    task.write(m.addr, bytes(range(256)) * (m.length // 256))  # first touch: node 0
+    task.write(ctl.addr + CTL_READY, b"\1")
+    rng = random.Random(1)
+    addrs = [m.addr + rng.randrange(pages) * task.page_size + 8 * rng.randrange(512)
+             for _ in range(window)]
+    read, samples, moved = task.read, [], False
+    before = task.stats()
+    while True:
+        command = task.read(ctl.addr + CTL_COMMAND, 1)[0]
+        if command == STOP:
+            break
+        if command == MOVE and not moved:
+            task.sched_setaffinity(cpus_node1)  # the scheduler moves the task
+            moved = True
+        t0 = time.perf_counter_ns()
+        for addr in addrs:
+            read(addr, 8)
+        wall = time.perf_counter_ns() - t0
+        after = task.stats()
+        local = after["local_accesses"] - before["local_accesses"]
+        total = local + after["remote_accesses"] - before["remote_accesses"]
+        samples.append((time.time(), total, after["vtime_ns"] - before["vtime_ns"], wall,
+                        local, after["migration_waits"] - before["migration_waits"]))
+        before = after
+    return samples
 
 
-def run_demo(quick: bool = False) -> int:
+@dataclass
+class Phase:
+    name: str
+    start: float
+    end: float = 0.0
+    where: str = ""
+
+
+def _placement(driver, pid: int) -> str:
+    counts: dict[int, int] = {}
+    for line in driver.numa_maps(pid).splitlines():
+        for field in line.split()[2:]:
+            if field.startswith("N") and "=" in field:
+                node, n = field[1:].split("=")
+                counts[int(node)] = counts.get(int(node), 0) + int(n)
+    return " ".join(f"N{n}={c}" for n, c in sorted(counts.items()))
+
+
+def run_demo(quick: bool = False, plot: str | None = "numaemu-demo.png",
+             dilation: float = DEFAULT_DILATION) -> int:
     """Run the demo; returns the exit status."""
-    pages = 32 if quick else PAGES
+    pages = 1024 if quick else 4096
+    phase_s = 0.6 if quick else 2.0
+    window = 200
     topo = Topology.default()
-    t0 = time.perf_counter()
-    print("numaemu demo: starting the built-in cluster "
-          f"({topo.num_nodes} nodes, {topo.frames_per_node[0] * topo.page_size >> 20} MiB and "
-          f"{len(topo.cpus_of(0))} CPUs each)...", flush=True)
-    with Cluster(topo) as cluster:
-        print(f"  up in {time.perf_counter() - t0:.2f} s at {cluster.address}\n")
-        print(hardware_text(topo, [cluster.free_frames()[n] for n in topo.nodes]))
-        cpu_node1 = topo.cpus_of(1)[0]
-        cases = [
-            ("first touch from a CPU of node 0", 0, None, None, None),
-            (f"first touch from CPU {cpu_node1} (node 1)", cpu_node1, None, None, None),
-            ("set_mempolicy(MPOL_BIND, {1}) on node 0", 0, "task", Mode.BIND, [1]),
-            ("mbind(MPOL_INTERLEAVE, {0,1})", 0, "vma", Mode.INTERLEAVE, [0, 1]),
-            ("set_mempolicy(MPOL_PREFERRED, {1})", 0, "task", Mode.PREFERRED, [1]),
-            ("mbind(MPOL_WEIGHTED_INTERLEAVE, {0,1})", 0, "vma", Mode.WEIGHTED_INTERLEAVE,
-             [0, 1]),
-        ]
-        print(f"Placing {pages} pages ({pages * topo.page_size >> 10} KiB) per case:\n")
-        header = f"  {'case':<42} {'cpu node':>8}  " + "  ".join(
-            f"{'N' + str(n):>5}" for n in topo.nodes) + f"  {'local':>6}  {'vns/page':>8}"
-        print(header)
-        print("  " + "-" * (len(header) - 2))
-        for label, cpu, scope, mode, nodes in cases:
-            task = cluster.attach(cpu=cpu)
-            m = task.mmap(pages * topo.page_size)
-            if scope == "task":
-                task.set_mempolicy(mode, nodes)
-            elif scope == "vma":
-                task.mbind(m.addr, m.length, mode, nodes)
-            _touch(task, m)
-            before = task.stats()
-            for addr in m.pages:
-                task.read(addr, 8)
-            after = task.stats()
-            where = _placement(task, m)
-            local = where.get(task.node, 0) / pages
-            vns = (after["vtime_ns"] - before["vtime_ns"]) / pages
-            cols = "  ".join(f"{where.get(n, 0):>5}" for n in topo.nodes)
-            print(f"  {label:<42} {task.node:>8}  {cols}  {local:>6.0%}  {vns:>8.1f}")
-            if scope == "vma" and mode == Mode.INTERLEAVE:
-                example = task.numa_maps().splitlines()[0]
-            task.close()
-        print("\nnuma_maps of the interleaved task:\n  " + example)
-        shared = [cluster.attach(cpu=0), cluster.attach(cpu=cpu_node1)]
-        a, b = (t.mmap(topo.page_size, shared="demo") for t in shared)
-        shared[0].write(a.addr, b"written by a task on node 0")
-        text = shared[1].read(b.addr, 27).decode()
-        print(f"\nA shared object: the task on node 1 reads {text!r}")
-        print(f"  and the page lives on node {shared[1].move_pages([b.addr])[0]} "
-              f"(mapmax=2 in numa_maps: {'mapmax=2' in shared[1].numa_maps()})")
-        for t in shared:
-            t.close()
-        print("\nnumastat:")
-        print(numastat_text(cluster.numastat()))
-        print("Remote pages cost more virtual time per access (vns/page): the latency model "
-              "charges\nlocal 80 ns x distance/10. Page migration comes next.")
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s; cluster stopped, "
-          "no process or segment left.")
+    t_start = time.perf_counter()
+    print(f"numaemu demo: a {topo.num_nodes}-node machine (distance "
+          f"{topo.distances[0][1]}), a workload of {pages * topo.page_size >> 20} MiB "
+          f"reading at random, delay injection x{dilation:g}", flush=True)
+    with Cluster(topo, inject_delays=dilation) as cluster:
+        print(f"  cluster up in {time.perf_counter() - t_start:.2f} s", flush=True)
+        driver = cluster.attach(cpu=topo.cpus_of(0)[-1], privileged=True, inject=None)
+        ctl = driver.mmap(topo.page_size, shared="demo-ctl")
+        handle = cluster.spawn(workload, "demo-ctl", pages, window, list(topo.cpus_of(1)),
+                               cpu=topo.cpus_of(0)[0])
+        while driver.read(ctl.addr + CTL_READY, 1) != b"\1":
+            time.sleep(0.01)
+        pid = handle.pid
+        print(f"  workload task {pid} on CPU {topo.cpus_of(0)[0]} (node 0) touched its "
+              f"pages: {_placement(driver, pid)}", flush=True)
+        phases = [Phase(PHASES[0], time.time())]
+        time.sleep(phase_s)
+        phases[-1].where = _placement(driver, pid)
+
+        print(f"  the scheduler moves task {pid} to node 1 (sched_setaffinity)", flush=True)
+        driver.write(ctl.addr + CTL_COMMAND, bytes([MOVE]))
+        phases[-1].end = time.time()
+        phases.append(Phase(PHASES[1], time.time()))
+        time.sleep(phase_s)
+        phases[-1].where = _placement(driver, pid)
+
+        print(f"  migrate_pages({pid}, {{0}}, {{1}}) while it runs...", end=" ", flush=True)
+        phases[-1].end = time.time()
+        phases.append(Phase(PHASES[2], time.time()))
+        t0 = time.perf_counter()
+        left = driver.migrate_pages(pid, [0], [1])
+        took = time.perf_counter() - t0
+        phases[-1].end = time.time()
+        phases[-1].where = _placement(driver, pid)
+        print(f"done in {took * 1e3:.0f} ms ({left} pages not moved)", flush=True)
+        phases.append(Phase(PHASES[3], time.time()))
+        time.sleep(phase_s)
+        phases[-1].where = _placement(driver, pid)
+        phases[-1].end = time.time()
+        driver.write(ctl.addr + CTL_COMMAND, bytes([STOP]))
+        samples = handle.join(60)
+        vmstat = cluster.vmstat()
+        driver.shm_unlink("demo-ctl")
+    print()
+    _print_table(phases, samples, dilation)
+    print(f"\n  pages migrated: {vmstat['pgmigrate_success']}, failed: "
+          f"{vmstat['pgmigrate_fail']}")
+    if plot:
+        path = _plot(phases, samples, dilation, plot)
+        print(f"  latency over time: {path}")
+    print(f"\ndemo finished in {time.perf_counter() - t_start:.1f} s; the cluster stopped and "
+          "left no process or segment behind.")
     return 0
+
+
+def _in(phase: Phase, sample) -> bool:
+    return phase.start <= sample[0] <= (phase.end or float("inf"))
+
+
+def _print_table(phases: list[Phase], samples, dilation: float) -> None:
+    print("  Per phase: where the workload's pages are, its share of local accesses, and the\n"
+          "  mean cost of an 8-byte read: virtual (the model, including faults and waits on\n"
+          "  migrating pages) and wall clock (with delay injection, divided by the dilation).\n")
+    print(f"  {'phase':<16} {'pages':<16} {'local':>6} {'virtual ns':>11} "
+          f"{'wall ns':>9} {'waits':>6}")
+    print(f"  {'':<16} {'':<16} {'':>6} {'per access':>11} {'/ ' + format(dilation, 'g'):>9}")
+    for phase in phases:
+        mine = [s for s in samples if _in(phase, s)]
+        n = sum(s[1] for s in mine) or 1
+        vns = sum(s[2] for s in mine) / n
+        wall = sum(s[3] for s in mine) / n / dilation
+        local = sum(s[4] for s in mine) / n
+        waits = sum(s[5] for s in mine)
+        print(f"  {phase.name:<16} {phase.where:<16} {local:>6.0%} {vns:>11.1f} "
+              f"{wall:>9.1f} {waits:>6}")
+
+
+def _plot(phases: list[Phase], samples, dilation: float, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = samples[0][0] if samples else 0.0
+    xs = [s[0] - t0 for s in samples]
+    vns = [s[2] / max(s[1], 1) for s in samples]
+    wall = [s[3] / max(s[1], 1) / dilation for s in samples]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(xs, wall, ".", markersize=3, alpha=0.6, label=f"wall clock / {dilation:g}")
+    ax.plot(xs, vns, "-", linewidth=1.5, label="virtual (model)")
+    for phase in phases:
+        if phase.name == "migrating":
+            ax.axvspan(phase.start - t0, max(phase.end - t0, phase.start - t0 + 0.02),
+                       color="orange", alpha=0.3, label="migrate_pages")
+        elif phase.name == "moved to node 1":
+            ax.axvline(phase.start - t0, color="grey", linestyle="--",
+                       label="sched_setaffinity to node 1")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("ns per 8-byte access")
+    ax.set_title("A task's memory latency: local, remote after a CPU move, migrated back to "
+                 "local")
+    # Windows with a fault or a wait on a migrating page cost far more; clip the axis at a
+    # few times the remote latency and show those windows as markers at the top.
+    typical = sorted(vns)[len(vns) // 2] if vns else 1.0
+    top = max(3 * max((v for v in vns if v < 10 * typical), default=typical), 1.0)
+    clipped = [(x, top * 0.97) for x, w, v in zip(xs, wall, vns) if max(w, v) > top]
+    if clipped:
+        ax.plot(*zip(*clipped), "^", color="red", markersize=6,
+                label="windows with faults / migration waits (clipped)")
+    ax.set_ylim(0, top)
+    ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    path = os.path.abspath(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -133,6 +133,10 @@ class Task:
             inject = reply.get("inject_dilation")
         if inject:
             self._pacer = Pacer(float(inject))
+        self._paybox = [self._pacer.pay if self._pacer is not None else None]
+        self._lat_row: list[float] = []
+        self._byte_row: list[float] = []
+        self._set_latency_row()
         self._fault_pending = False
         self._inval_log: list[np.ndarray] = []
         self._segments: dict[int, Any] = {}
@@ -166,17 +170,24 @@ class Task:
             self._segments[seg["node"]] = s
             self._views[seg["node"]] = memoryview(s.map)
 
+    def _set_latency_row(self) -> None:
+        """The latency model's row of the task's current node, in the cells the closures
+        read (updated in place)."""
+        lat, per_byte = self._latency.row(self.node)
+        self._lat_row[:] = lat
+        self._byte_row[:] = per_byte
+
     def _build_access(self) -> None:
-        """(Re)build the read/write closures: after a CPU move or a change of injection."""
+        """Build the read/write closures (the hot path)."""
         rtlb, wtlb, tnode = self._rtlb, self._wtlb, self._tnode
         acquire, release = self._access_lock.acquire, self._access_lock.release
         base, shift, ps = self._base_vpn, self._shift, self.page_size
         mask = ps - 1
         pages, nbytes = self._pages_by_node, self._bytes_by_node
         slow_read, slow_write = self._slow_read, self._slow_write
-        pacer = self._pacer
-        pay = pacer.pay if pacer is not None else None
-        lat, per_byte = self._latency.row(self.node)
+        # Mutable cells, updated in place: a caller that kept ``read = task.read`` still sees
+        # a CPU move (the latency row) and a change of delay injection.
+        lat, per_byte, paybox = self._lat_row, self._byte_row, self._paybox
 
         def read(addr: int, n: int) -> bytes:
             off = addr & mask
@@ -197,6 +208,7 @@ class Task:
                     finally:
                         release()
                     if out is not None:
+                        pay = paybox[0]
                         if pay is not None:  # outside the lock: shootdowns go on
                             pay(lat[nd] + n * per_byte[nd])
                         return out
@@ -224,6 +236,7 @@ class Task:
                         finally:
                             release()
                         if nd >= 0:
+                            pay = paybox[0]
                             if pay is not None:
                                 pay(lat[nd] + n * per_byte[nd])
                             return
@@ -237,7 +250,7 @@ class Task:
         so that wall-clock timings show the model's ratios over Python's own overhead."""
         with self._access_lock:
             self._pacer = Pacer(dilation) if dilation else None
-            self._build_access()
+            self._paybox[0] = self._pacer.pay if self._pacer is not None else None
 
     # -- the access path (documented forms; instances use the closures above) -------
     def read(self, addr: int, n: int) -> bytes:  # noqa: F811 (replaced per instance)
@@ -264,7 +277,7 @@ class Task:
         tn = self._tnode[i0:i1]
         ps = self.page_size
         cost = 0.0
-        lat, per_byte = self._latency.row(self.node) if self._pacer is not None else ((), ())
+        lat, per_byte = (self._lat_row, self._byte_row) if self._pacer is not None else ((), ())
         for nd in set(tn):
             c = tn.count(nd)
             b = c * ps - (first_off if tn[0] == nd else 0) - (
@@ -547,7 +560,7 @@ class Task:
         with self._access_lock:
             self._fold_stats()
             self.cpu, self.node = reply["cpu"], reply["node"]
-            self._build_access()  # the latency row of the new node
+            self._set_latency_row()
 
     # -- statistics ----------------------------------------------------------------
     def _fold_stats(self) -> None:
