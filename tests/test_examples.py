@@ -18,6 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("shared_memory.py", "read back: hello from another process"),
     ("file_mapping.py", "file now starts with: b'numaemu was here'"),
     ("policies.py", "MPOL_BIND with no nodes: EINVAL"),
+    ("relocate_and_migrate.py", "0 pages not moved; pages on {1}: 80.4 ns per read"),
 ])
 def test_example_runs(cluster, tmp_path, name, expect):
     env = dict(os.environ, NUMAEMU_ADDRESS=cluster.address)
