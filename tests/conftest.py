@@ -55,6 +55,16 @@ def cluster4():
     assert cluster_is_gone(c.cluster_id)
 
 
+@pytest.fixture(autouse=True)
+def _invariants_hold(request):
+    """After each test on a shared cluster, page tables, page caches, page counts and node
+    free maps still agree (ARCHITECTURE.md invariants 1 and 3)."""
+    yield
+    for name in ("cluster", "cluster4", "weighted_cluster"):
+        if name in request.fixturenames:
+            assert request.getfixturevalue(name).check() == []
+
+
 @pytest.fixture
 def task(cluster):
     """A task on CPU 0 (node 0), closed after the test."""

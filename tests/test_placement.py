@@ -36,15 +36,6 @@ NOT_PRESENT = -errno.ENOENT
 FAULT = -errno.EFAULT
 
 
-@pytest.fixture(autouse=True)
-def _invariants_hold(request):
-    """After each test, page tables, page caches, page counts and free maps still agree."""
-    yield
-    for name in ("cluster", "cluster4", "weighted_cluster"):
-        if name in request.fixturenames:
-            assert request.getfixturevalue(name).check() == []
-
-
 # -- helpers ---------------------------------------------------------------------------
 
 

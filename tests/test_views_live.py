@@ -31,15 +31,6 @@ PS = numaemu.PAGE_SIZE
 ACTIVE = r"(?: active=\d+)?"
 
 
-@pytest.fixture(autouse=True)
-def _invariants_hold(request):
-    """After each test, page tables, page caches, page counts and free maps still agree."""
-    yield
-    for name in ("cluster", "cluster4", "weighted_cluster"):
-        if name in request.fixturenames:
-            assert request.getfixturevalue(name).check() == []
-
-
 def maps_line(task, addr: int, pid: int | None = None) -> str:
     """The numa_maps line of the VMA starting at ``addr``."""
     text = task.numa_maps(pid)
