@@ -298,13 +298,18 @@ class Task:
             self._access_lock.acquire()
             try:
                 ents = self._rtlb[i0:i1]
-                if len(ents) == i1 - i0 and None not in ents:
+                out = None
+                if len(ents) == i1 - i0 and ents[0] is not None and ents[-1] is not None:
                     if len(ents) == 1:
                         out = ents[0][off:end].tobytes()
                     else:
                         ents[0] = ents[0][off:]
                         ents[-1] = ents[-1][:end]
-                        out = b"".join(ents)
+                        try:  # a missing page in between makes join fail: cheaper than a scan
+                            out = b"".join(ents)
+                        except TypeError:
+                            ents = self._rtlb[i0:i1]
+                if out is not None:
                     cost = self._account(i0, i1, off, end)
                     break
                 missing = [i0 + k for k, e in enumerate(ents) if e is None]
