@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from numaemu import protocol as P
-from numaemu.errors import NumaError
+from numaemu.errors import ClusterError, NumaError
 
 from .filemap import cache_entry
 from .pages import (
@@ -234,7 +234,10 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
     # Step 1: lock the old pages (trylock while not sync).
     go = live.copy()
     if sync:
-        await _lock_all(kernel, src, old[go])
+        idx = np.flatnonzero(go)
+        got = await _lock_all(kernel, src, old[go])
+        rc[idx[~got]] = -errno.EAGAIN
+        go[idx[~got]] = False
     else:
         got = kernel.locks.trylock(src, old[go])
         idx = np.flatnonzero(go)
@@ -249,8 +252,13 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
                 _unlock(kernel, src, old[wb])
                 go &= ~wb
             else:
-                for pfn in old[wb].tolist():
-                    await kernel.locks.wait_on_page_writeback(src, pfn, LOCK_TIMEOUT)
+                try:
+                    for pfn in old[wb].tolist():
+                        await kernel.locks.wait_on_page_writeback(src, pfn, LOCK_TIMEOUT)
+                except asyncio.TimeoutError:  # writeback stuck: these pages stay, -EBUSY
+                    rc[wb] = -errno.EBUSY
+                    _unlock(kernel, src, old[wb])
+                    go &= ~wb
 
         # Step 3: new pages locked and not uptodate: accesses to them wait on the lock.
         # Step 4: they carry the old page's settings (mapping, index, anon).
@@ -307,7 +315,7 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
                 await kernel.node(dst).peer.call(P.CopyIn(
                     src_node=src, src_path=src_info.path, src_endpoint=src_info.data_endpoint,
                     src_pfns=o[moving].astype(P.PFN), dst_pfns=w[moving].astype(P.PFN)))
-            except NumaError as exc:
+            except (NumaError, ClusterError) as exc:
                 log.warning("copy %d -> %d failed (%s); backing the batch out", src, dst, exc)
                 _undo_cache_switch(kernel, src, dst, o, w, moving)
                 _restore(kernel, record, src, o, moving)
@@ -347,13 +355,22 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
     return rc
 
 
-async def _lock_all(kernel, node: int, pfns: np.ndarray) -> None:
-    pending = pfns
-    while len(pending):
-        got = kernel.locks.trylock(node, pending)
-        pending = pending[~got]
-        if len(pending):
-            await kernel.locks.wait_on_page_locked(node, int(pending[0]), LOCK_TIMEOUT)
+async def _lock_all(kernel, node: int, pfns: np.ndarray) -> np.ndarray:
+    """lock_page on each page, sleeping on held ones; the mask of pages locked (a page whose
+    holder keeps it past LOCK_TIMEOUT is given up on, so the call never hangs)."""
+    locked = np.zeros(len(pfns), dtype=bool)
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while not locked.all():
+        pending = np.flatnonzero(~locked)
+        locked[pending[kernel.locks.trylock(node, pfns[pending])]] = True
+        if locked.all() or time.monotonic() > deadline:
+            break
+        first = int(pfns[np.flatnonzero(~locked)[0]])
+        try:
+            await kernel.locks.wait_on_page_locked(node, first, deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            break
+    return locked
 
 
 def _unlock(kernel, node: int, pfns: np.ndarray) -> None:
