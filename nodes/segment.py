@@ -46,7 +46,8 @@ class Segment:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, self.size)
+                # A memoryless node still maps one page: mmap refuses an empty mapping.
+                os.ftruncate(fd, max(self.size, page_size))
             elif os.fstat(fd).st_size < self.size:
                 raise ValueError(f"{path} is smaller than {self.size} bytes")
             self.map = mmap.mmap(fd, max(self.size, page_size))

@@ -228,8 +228,19 @@ TARGETS = {
 
 
 def run_bench(what: str, *, json_out: bool = False, pages: int | None = None,
-              repeat: int = 5, batch: int | None = None) -> int:
+              repeat: int = 5, batch: int | None = None, topology: Topology | None = None,
+              dilation: float | None = None, steps: int | None = None) -> int:
     results: dict = {}
+    if what == "latency":
+        from .bench_latency import bench_latency, latency_text
+
+        figures = bench_latency(topology, repeat=repeat, dilation=dilation,
+                                steps=steps or 20000, pages=pages or 256)
+        if json_out:
+            print(json.dumps(figures))
+        else:
+            print(latency_text(figures), end="")
+        return 0
     if what == "migrate":
         figures = bench_migrate(pages or 16384, repeat, batch)
         if json_out:  # exactly the object `numaemu bench migrate --json` promises

@@ -19,16 +19,29 @@ from .topology import Topology, TopologyError
 def _topology_from_args(args) -> Topology:
     if args.topology:
         return Topology.load(args.topology)
-    if args.distance:
-        return Topology(Topology.parse_distances(args.distance),
-                        frames_per_node=args.frames_per_node, cpus_per_node=args.cpus_per_node)
-    if args.nodes is None and args.frames_per_node is None and args.cpus_per_node is None:
-        return Topology.default()
     default = Topology.default()
+    if args.distance:
+        # Flags not given take the built-in cluster's per-node values, as with --nodes.
+        return Topology(Topology.parse_distances(args.distance),
+                        frames_per_node=args.frames_per_node or default.frames_per_node[0],
+                        cpus_per_node=args.cpus_per_node if args.cpus_per_node is not None
+                        else 2)
+    if args.nodes is None and args.frames_per_node is None and args.cpus_per_node is None:
+        return default
     return Topology.symmetric(
         nodes=args.nodes or default.num_nodes,
         frames_per_node=args.frames_per_node or default.frames_per_node[0],
         cpus_per_node=args.cpus_per_node if args.cpus_per_node is not None else 2)
+
+
+def _add_topology_args(p: argparse.ArgumentParser) -> None:
+    """The machine to build, as ``numaemu up`` and ``numaemu bench latency`` take it."""
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--frames-per-node", type=int)
+    p.add_argument("--cpus-per-node", type=int)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--distance", help='distance matrix, rows split by ";": "10,21;21,10"')
+    g.add_argument("--topology", help="a topology file (.toml or .json)")
 
 
 def resolve_address(explicit: str | None = None) -> str:
@@ -262,11 +275,24 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
+    topology = _topology_from_args(args) if args.what == "latency" else None
     return run_bench(args.what, json_out=args.json, pages=args.pages, repeat=args.repeat,
-                     batch=args.batch)
+                     batch=args.batch, topology=topology, dilation=args.dilation,
+                     steps=args.steps)
 
 
 # -- parser ------------------------------------------------------------------------------
+
+
+def _positive(kind: type):
+    """An argparse type: ``kind`` values above zero."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,12 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("up", help="start a cluster (foreground until Ctrl-C, or --detach)")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--frames-per-node", type=int)
-    p.add_argument("--cpus-per-node", type=int)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--distance", help='distance matrix, rows split by ";": "10,21;21,10"')
-    g.add_argument("--topology", help="a topology file (.toml or .json)")
+    _add_topology_args(p)
     p.add_argument("--detach", action="store_true", help="run in the background; print the "
                    "address")
     p.add_argument("--listen", help="tcp://HOST:PORT to serve on tcp (4 consecutive ports and "
@@ -342,13 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("bench", help="measure the emulator against same-run baselines")
-    p.add_argument("what", choices=["startup", "fault", "access", "migrate", "all"])
+    p.add_argument("what", choices=["startup", "fault", "access", "migrate", "latency", "all"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--pages", type=int, default=None,
-                   help="pages to move (migrate: default 16384 = 64 MiB)")
+                   help="pages to move (migrate: default 16384 = 64 MiB); pages per buffer "
+                   "(latency: default 256)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--batch", type=int, default=None,
-                   help="migration batch size (default: the cluster's, 512)")
+                   help="migration batch size (default: the cluster's, 4096)")
+    p.add_argument("--dilation", type=_positive(float), default=None,
+                   help="latency: wall-clock ns injected per modeled ns (default 50)")
+    p.add_argument("--steps", type=_positive(int), default=None,
+                   help="latency: timed dependent reads per cell and run (default 20000)")
+    # The latency bench's machine, given as to `numaemu up` (default: the built-in cluster).
+    _add_topology_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

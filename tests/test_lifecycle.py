@@ -170,3 +170,16 @@ def test_up_sweeps_the_leftovers_of_a_crashed_cluster(tmp_path):
         assert c.cluster_id != cid
     assert not cluster_segments(cid)
     assert not os.path.exists(run_dir)
+
+
+def test_a_memoryless_node_runs_and_its_cpus_allocate_on_the_nearest_node():
+    topo = numaemu.Topology(distances=[[10, 21], [21, 10]], frames_per_node=[256, 0],
+                            cpus=[[0], [1]])
+    with numaemu.Cluster(topo) as c:
+        t = c.attach(cpu=1)
+        m = t.mmap(4 * 4096)
+        t.write(m.addr, b"x" * m.length)
+        assert t.move_pages(m.pages) == [0] * 4
+        assert "node 1 size: 0 MB" in c.hardware()
+        assert c.check() == []
+    assert cluster_is_gone(c.cluster_id)
