@@ -46,8 +46,8 @@ NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "loc
 #: above Linux's pid_max, so they never collide with a real pid.
 SYNTHETIC_PID_BASE = 1 << 22
 #: Per-node page list: refill below PCP_LOW, up to PCP_HIGH frames, in one bulk alloc.
-PCP_LOW = 128
-PCP_HIGH = 512
+PCP_LOW = 256
+PCP_HIGH = 1024
 
 
 @dataclass
