@@ -138,6 +138,9 @@ class Task:
     next_vpn: int = 0
     mmap_lock: RWLock = field(default_factory=RWLock)
     tlb: Peer | None = None  # the client's shootdown thread, once it said hello
+    # While a syscall of this task runs with its own translations dropped beforehand (the
+    # local TLB flush), shootdowns skip it for these vpns (True: all of them).
+    self_flushed: np.ndarray | bool | None = None
     last_seen: float = 0.0
     exiting: bool = False
 

@@ -39,6 +39,15 @@ async def flush_tlb(kernel, targets: dict, *, write_only: bool = False) -> None:
         if task.tlb is None or task.exiting:
             continue  # it never registered a TLB, so it caches nothing
         vpns = np.unique(np.concatenate(chunks)).astype(P.VPN)
+        # The caller of the running syscall flushed its own TLB before asking (the kernel's
+        # local flush): no IPI to it for those pages.
+        flushed = task.self_flushed
+        if flushed is True:
+            continue
+        if flushed is not None:
+            vpns = vpns[~np.isin(vpns, flushed)]
+            if len(vpns) == 0:
+                continue
         waits.append(_invalidate(kernel, task, vpns, write_only))
     if waits:
         await asyncio.gather(*waits)

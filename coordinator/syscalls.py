@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from contextlib import asynccontextmanager
 
 import numpy as np
 
@@ -250,8 +251,10 @@ class Syscalls:
         if move:
             # The policy is installed; now misplaced pages move (shared ones only with
             # MOVE_ALL, skipped silently otherwise).  STRICT turns failures into EIO.
-            failed = await movepages.mbind_move(k, task, start, end, policy, user_nodes,
-                                                bool(req.flags & MoveFlag.MOVE_ALL))
+            flushed = np.arange(start, end, dtype=np.uint64) if req.flushed else None
+            async with self_flushed(task, flushed):
+                failed = await movepages.mbind_move(k, task, start, end, policy, user_nodes,
+                                                    bool(req.flags & MoveFlag.MOVE_ALL))
             if failed and strict:
                 raise NumaError(errno.EIO, f"MPOL_MF_STRICT: {failed} pages could not be "
                                            "moved")
@@ -272,8 +275,10 @@ class Syscalls:
         if not isinstance(nodes, (list, tuple)) or any(
                 isinstance(n, bool) or not isinstance(n, int) for n in nodes):
             raise NumaError(errno.EFAULT, "cannot read the nodes array")
-        status, not_migrated = await movepages.do_pages_move(
-            k, caller, task, req.pages, list(nodes), bool(req.flags & MoveFlag.MOVE_ALL))
+        flushed = (req.pages // k.page_size).astype(np.uint64) if req.flushed else None
+        async with self_flushed(caller if task is caller else None, flushed):
+            status, not_migrated = await movepages.do_pages_move(
+                k, caller, task, req.pages, list(nodes), bool(req.flags & MoveFlag.MOVE_ALL))
         return {"status": status.astype(P.STATUS), "not_migrated": not_migrated}
 
     async def migrate_pages(self, req: P.MigratePages) -> dict:
@@ -287,8 +292,9 @@ class Syscalls:
         if not new:
             raise NumaError(errno.EINVAL, "new_nodes holds no node with memory")
         old = [n for n in old if n in k.node_set]
-        not_migrated = await movepages.do_migrate_pages(k, caller, task, old, new,
-                                                        caller.privileged)
+        async with self_flushed(caller if task is caller and req.flushed else None, True):
+            not_migrated = await movepages.do_migrate_pages(k, caller, task, old, new,
+                                                            caller.privileged)
         return {"not_migrated": not_migrated}
 
     async def pin(self, req: P.Pin) -> dict:
@@ -386,6 +392,21 @@ class Syscalls:
         return {"tasks": [{"pid": t.pid, "os_pid": t.os_pid, "host": t.host, "cpu": t.cpu,
                            "command": t.command, "privileged": t.privileged}
                           for t in self.k.tasks.values() if not t.exiting]}
+
+
+@asynccontextmanager
+async def self_flushed(task: Task | None, vpns):
+    """While a syscall runs: ``task`` (its caller) holds no translation of ``vpns`` (True:
+    none at all), since its client dropped them and cannot fault them back in meanwhile
+    (a task's client sends one request at a time)."""
+    if task is None or vpns is None:
+        yield
+        return
+    task.self_flushed = vpns
+    try:
+        yield
+    finally:
+        task.self_flushed = None
 
 
 def _node_list(nodes) -> list[int]:

@@ -280,6 +280,7 @@ class Mbind:
     mode: int
     nodes: Any = None
     flags: int = 0
+    flushed: bool = False  # the caller dropped its own translations of the range first
 
 
 @request("move_pages")
@@ -289,6 +290,7 @@ class MovePages:
     pages: VpnArray
     nodes: Any = None
     flags: int = 0
+    flushed: bool = False  # the caller dropped its own translations of ``pages`` first
 
 
 @request("migrate_pages")
@@ -297,6 +299,7 @@ class MigratePages:
     target: int | None
     old_nodes: Any
     new_nodes: Any
+    flushed: bool = False  # the caller dropped all its translations first
 
 
 @request("pin")

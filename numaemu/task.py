@@ -39,6 +39,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .constants import MoveFlag
 from .errors import ClusterError, NumaError
 from .latency import MIGRATION_WAIT_NS, LatencyModel, Pacer
 from .topology import Topology
@@ -435,6 +436,20 @@ class Task:
                         rtlb[lo:hi] = [None] * (hi - lo)
             self._totals["invalidations"] += 1
 
+    def _drop_vpns(self, vpns: np.ndarray | None) -> None:
+        """Drop our translations of ``vpns`` (None: all of them)."""
+        with self._access_lock:
+            if vpns is None:
+                n = len(self._rtlb)
+                self._rtlb[:] = [None] * n
+                self._wtlb[:] = [None] * n
+                return
+            size = len(self._rtlb)
+            for i in (vpns.astype(np.int64) - self._base_vpn).tolist():
+                if 0 <= i < size:
+                    self._rtlb[i] = None
+                    self._wtlb[i] = None
+
     def _drop_range(self, addr: int, length: int) -> None:
         i0 = max(0, (addr >> self._shift) - self._base_vpn)
         i1 = ((addr + length + self.page_size - 1) >> self._shift) - self._base_vpn
@@ -495,9 +510,14 @@ class Task:
     def mbind(self, addr: int, length: int, mode: int, nodes: Iterable[int] | None = (),
               flags: int = 0) -> None:
         """Set the policy of ``[addr, addr+length)``."""
-        self._sync_call("mbind", addr=_int_arg("addr", addr), length=_int_arg("length", length),
-                        mode=_int_arg("mode", mode), nodes=_nodes_arg(nodes),
-                        flags=_int_arg("flags", flags))
+        addr, length, flags = (_int_arg("addr", addr), _int_arg("length", length),
+                               _int_arg("flags", flags))
+        move = bool(flags & (MoveFlag.MOVE | MoveFlag.MOVE_ALL))
+        with self._req_lock:
+            if move and addr >= 0 and length > 0:
+                self._drop_range(addr, length)  # see move_pages
+            self._call("mbind", addr=addr, length=length, mode=_int_arg("mode", mode),
+                       nodes=_nodes_arg(nodes), flags=flags, flushed=move)
 
     def move_pages(self, pages: Iterable[int], nodes: Iterable[int] | None = None,
                    flags: int = 0, pid: int | None = None) -> MoveResult:
@@ -517,8 +537,16 @@ class Task:
                 raise NumaError(errno.EFAULT, f"cannot read the nodes array {nodes!r}")
             if len(node_list) != len(addrs):
                 raise NumaError(errno.EINVAL, "nodes must give one node per page")
-        reply = self._sync_call("move_pages", target=pid, pages=arr.astype(P.VPN),
-                                nodes=node_list, flags=_int_arg("flags", flags))
+        mine = pid is None or pid == self.pid
+        with self._req_lock:
+            if mine and node_list is not None:
+                # The local TLB flush: drop our own translations of these pages now, so the
+                # migration need not wait for our shootdown thread (we send nothing else
+                # until the reply, so nothing can bring them back meanwhile).
+                self._drop_vpns(arr // self.page_size)
+            reply = self._call("move_pages", target=pid, pages=arr.astype(P.VPN),
+                               nodes=node_list, flags=_int_arg("flags", flags),
+                               flushed=mine and node_list is not None)
         return MoveResult(np.frombuffer(reply["status"], dtype=P.STATUS).tolist(),
                           reply.get("not_migrated", 0))
 
@@ -526,8 +554,12 @@ class Task:
                       new_nodes: Iterable[int]) -> int:
         """Move task ``pid``'s pages on ``old_nodes`` to ``new_nodes`` (relative placement);
         return the number of pages that could not be moved."""
-        reply = self._sync_call("migrate_pages", target=pid, old_nodes=_nodes_arg(old_nodes),
-                                new_nodes=_nodes_arg(new_nodes))
+        mine = pid is None or pid == self.pid
+        with self._req_lock:
+            if mine:
+                self._drop_vpns(None)  # every translation: see move_pages
+            reply = self._call("migrate_pages", target=pid, old_nodes=_nodes_arg(old_nodes),
+                               new_nodes=_nodes_arg(new_nodes), flushed=mine)
         return reply["not_migrated"]
 
     def sysctl(self, name: str, value: int | None = None) -> int:

@@ -204,3 +204,45 @@ def _reader_big(task, name, pages, head):
             return False
         task.read(m.addr, pages * PS)
     return True
+
+
+def test_a_task_moving_its_own_pages_while_another_of_its_threads_writes_them(cluster):
+    """move_pages on its own pages skips the shootdown to the caller (it drops its own
+    translations first): a second thread of the same task must still lose no store, as
+    another task, which reads through translations of its own, checks at the end."""
+    import threading
+
+    task = cluster.attach(cpu=0, privileged=True)
+    checker = cluster.attach(cpu=2)
+    try:
+        m = task.mmap(2 * PS, shared="selfmove")
+        task.write(m.addr, bytes(2 * PS))
+        view = checker.mmap(2 * PS, shared="selfmove")
+        stop, counts = threading.Event(), [0]
+
+        def increment():
+            while not stop.is_set():
+                for p in range(2):
+                    addr = m.addr + p * PS
+                    value = int.from_bytes(task.read(addr, 8), "little")
+                    task.write(addr, (value + 1).to_bytes(8, "little"))
+                counts[0] += 1
+
+        writer = threading.Thread(target=increment)
+        writer.start()
+        try:
+            for k in range(60):
+                status = task.move_pages(m.pages, [(k + 1) % 2] * 2, MPOL_MF_MOVE_ALL)
+                assert status.not_migrated == 0
+        finally:
+            stop.set()
+            writer.join()
+        for p in range(2):
+            assert int.from_bytes(checker.read(view.addr + p * PS, 8), "little") == counts[0]
+        assert counts[0] > 0
+        task.munmap(m.addr, m.length)
+        task.shm_unlink("selfmove")
+    finally:
+        task.close()
+        checker.close()
+    assert cluster.check() == []
