@@ -224,6 +224,7 @@ TARGETS = {
     "gb_per_s": (">=", 1.0),
     "ratio": (">=", 0.25),
     "single_page_move_ms": ("<=", 1.0),
+    "max_error_pct": ("<=", 5.0),
 }
 
 
@@ -252,6 +253,11 @@ def run_bench(what: str, *, json_out: bool = False, pages: int | None = None,
         results["startup"] = bench_startup(repeat)
     if what == "all":
         results["migrate"] = bench_migrate(pages or 16384, repeat, batch)
+        from .bench_latency import bench_latency
+
+        lat = bench_latency(topology, repeat=repeat, dilation=dilation, steps=steps or 20000)
+        results["latency"] = {"max_error_pct": lat["max_error_pct"],
+                              "dilation": lat.get("dilation", 0)}
     if what in ("fault", "access", "all"):
         topo = Topology.symmetric(nodes=2, frames_per_node=max(16384, 2 * (pages or 0)),
                                   cpus_per_node=1)
