@@ -30,7 +30,7 @@ from .mempolicy import (
     validate_get_flags,
 )
 from .mm import MMAP_BASE, TASK_SIZE, Task, Vma, check_range
-from .pages import PTE_MIGRATION, PTE_ZERO, pte_node
+from .pages import pte_node
 
 log = logging.getLogger("numaemu.coordinator")
 
@@ -270,7 +270,8 @@ class Syscalls:
         task = caller if req.target in (None, 0) else k.task(req.target)
         check_access(caller, task)
         if req.nodes is None:
-            return {"status": query_pages(k, task, req.pages)}
+            vpns = (req.pages // k.page_size).astype(np.int64)
+            return {"status": movepages.query_status(k, task, vpns).astype(P.STATUS)}
         nodes = req.nodes
         if not isinstance(nodes, (list, tuple)) or any(
                 isinstance(n, bool) or not isinstance(n, int) for n in nodes):
@@ -424,24 +425,6 @@ def check_access(caller: Task, task: Task) -> None:
     """Acting on another task needs the same owner or privilege (ptrace read check)."""
     if task is not caller and task.uid != caller.uid and not caller.privileged:
         raise NumaError(errno.EPERM, f"task {caller.pid} may not act on task {task.pid}")
-
-
-def query_pages(k, task: Task, pages: np.ndarray) -> np.ndarray:
-    """move_pages query mode: node, -ENOENT (never touched) or -EFAULT per page."""
-    vpns = (pages // k.page_size).astype(np.int64)
-    status = np.full(len(vpns), -errno.EFAULT, dtype=P.STATUS)
-    where = task.locate(vpns)
-    vmas = task.vmas
-    for vi in np.unique(where[where >= 0]).tolist():
-        sel = np.flatnonzero(where == vi)
-        vma = vmas[vi]
-        ptes = vma.pte[vpns[sel] - vma.start]
-        present = (ptes & ((1 << 62) | PTE_MIGRATION)) != 0
-        st = np.where(ptes == 0, -errno.ENOENT, -errno.EFAULT)
-        st = np.where(present, pte_node(ptes), st)
-        st = np.where(ptes == PTE_ZERO, -errno.EFAULT, st)
-        status[sel] = st
-    return status
 
 
 async def unmap_range(k, task: Task, start: int, end: int) -> None:
