@@ -166,6 +166,7 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
         return 0
     if indices is None:
         indices = np.flatnonzero(obj.cache[: obj.npages])
+    all_indices = indices
     written = 0
     while len(indices):
         indices = indices[indices < min(obj.npages, -(-obj.size // kernel.page_size))]
@@ -180,18 +181,36 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
         indices, entries, nodes, pfns = indices[dirty], entries[dirty], nodes[dirty], pfns[dirty]
         if len(indices) == 0:
             break
-        await lock_pages(kernel, nodes, pfns)
-        # A page may have been migrated (or dropped) while we slept on its lock: the cache
-        # slot no longer holds it.  Unlock those and look their slots up again.
-        moved = obj.cache[indices] != entries
-        for n in np.unique(nodes[moved]).tolist():
-            kernel.locks.unlock(n, pfns[moved & (nodes == n)])
-        retry = indices[moved]
-        ok = ~moved
-        indices, nodes, pfns = indices[ok], nodes[ok], pfns[ok]
-        written += await _writeback_locked(kernel, obj, indices, nodes, pfns)
-        indices = retry
+        # trylock the pages, write back those we got, and only then sleep on a busy one:
+        # holding locks while sleeping on another (held, say, by a migration that itself
+        # sleeps on one of ours) would deadlock.
+        got = trylock_pages(kernel, nodes, pfns)
+        written += await _writeback_locked(kernel, obj, indices[got], nodes[got], pfns[got])
+        busy = np.flatnonzero(~got)
+        if len(busy) == 0:
+            break
+        await kernel.locks.wait_on_page_locked(int(nodes[busy[0]]), int(pfns[busy[0]]),
+                                               timeout=30)
+        indices = indices[busy]  # looked up again: the page may have moved meanwhile
+    await wait_writeback(kernel, obj, all_indices)
     return written
+
+
+async def wait_writeback(kernel, obj: SharedObject, indices: np.ndarray) -> None:
+    """Wait until no page of ``indices`` is under writeback (by the flusher, say): after
+    msync(MS_SYNC) returns, the file holds what the pages held."""
+    while True:
+        entries = obj.cache[indices[indices < len(obj.cache)]]
+        entries = entries[entries != 0]
+        nodes, pfns = pte_node(entries), pte_pfn(entries)
+        for n in np.unique(nodes).tolist():
+            mine = pfns[nodes == n]
+            busy = mine[(kernel.tables[n].flags[mine] & PG_WRITEBACK) != 0]
+            if len(busy):
+                await kernel.locks.wait_on_page_writeback(n, int(busy[0]), timeout=30)
+                break  # look again: pages may have moved meanwhile
+        else:
+            return
 
 
 async def _writeback_locked(kernel, obj: SharedObject, indices, nodes, pfns) -> int:
@@ -253,17 +272,13 @@ async def _write_pages(kernel, obj, indices, nodes, pfns) -> None:
         os.close(fd)
 
 
-async def lock_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> None:
-    """lock_page on every page, sleeping on those someone else holds."""
-    pending = np.ones(len(pfns), dtype=bool)
-    while pending.any():
-        for n in np.unique(nodes[pending]).tolist():
-            sel = np.flatnonzero(pending & (nodes == n))
-            got = kernel.locks.trylock(n, pfns[sel])
-            pending[sel[got]] = False
-        if pending.any():
-            i = int(np.flatnonzero(pending)[0])
-            await kernel.locks.wait_on_page_locked(int(nodes[i]), int(pfns[i]), timeout=30)
+def trylock_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+    """trylock_page on every page; the mask of those taken."""
+    got = np.zeros(len(pfns), dtype=bool)
+    for n in np.unique(nodes).tolist():
+        sel = np.flatnonzero(nodes == n)
+        got[sel] = kernel.locks.trylock(n, pfns[sel])
+    return got
 
 
 def cache_entry(node: int, pfn: np.ndarray) -> np.ndarray:

@@ -212,14 +212,21 @@ class Kernel:
         if count <= len(pcp):
             got, self.pcp[node] = pcp[:count], pcp[count:]
         else:
-            need = count - len(pcp)
-            try:  # take a page list's worth more while asking anyway
-                reply = await self.node(node).peer.call(P.Alloc(count=need + PCP_HIGH))
-            except NumaError:
-                reply = await self.node(node).peer.call(P.Alloc(count=need))
-            bulk = np.concatenate((self.pcp[node],
+            # Take the whole list before awaiting: other faults may use it meanwhile.
+            have, self.pcp[node] = pcp, np.empty(0, dtype=np.int64)
+            need = count - len(have)
+            try:
+                try:  # take a page list's worth more while asking anyway
+                    reply = await self.node(node).peer.call(P.Alloc(count=need + PCP_HIGH))
+                except NumaError:
+                    reply = await self.node(node).peer.call(P.Alloc(count=need))
+            except BaseException:
+                self.pcp[node] = np.concatenate((have, self.pcp[node]))
+                raise
+            bulk = np.concatenate((have,
                                    np.frombuffer(reply["pfns"], dtype=P.PFN).astype(np.int64)))
-            got, self.pcp[node] = bulk[:count], bulk[count:]
+            got = bulk[:count]
+            self.pcp[node] = np.concatenate((self.pcp[node], bulk[count:]))
         if len(self.pcp[node]) < PCP_LOW and node not in self._refilling:
             self._refilling.add(node)
             self.spawn(self._refill(node))

@@ -17,6 +17,7 @@ Allocation of all new pages of a VMA is one batch per node.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 
@@ -60,11 +61,14 @@ async def handle_fault(kernel, task: Task, vpns: np.ndarray, write: bool):
     waits = 0
     async with task.mmap_lock.read():
         while True:
+            if task.exiting:  # reaped while it waited: nobody is left to answer
+                raise NumaError(errno.ESRCH, f"task {task.pid} has exited")
             try:
                 return (vpns, *await _fault_once(kernel, task, vpns, write), waits)
             except _Retry as wait:
                 waits += wait.migration  # task.stats()["migration_waits"]
                 await kernel.locks.wait_on_page_locked(wait.node, wait.pfn, WAIT_TIMEOUT)
+                await asyncio.sleep(0)  # never spin the loop, whatever the page's state
 
 
 async def _fault_once(kernel, task: Task, vpns: np.ndarray, write: bool):
@@ -72,25 +76,30 @@ async def _fault_once(kernel, task: Task, vpns: np.ndarray, write: bool):
     if (where < 0).any():
         bad = int(vpns[np.flatnonzero(where < 0)[0]]) * kernel.page_size
         raise NumaError(errno.EFAULT, f"address {bad:#x} is not mapped (SIGSEGV)")
-    nodes = np.zeros(len(vpns), dtype=P.NODE)
-    pfns = np.zeros(len(vpns), dtype=P.PFN)
-    prot = np.zeros(len(vpns), dtype=P.PROT)
     vmas = list(task.vmas)
+    groups = []
     for vi in np.unique(where).tolist():
         sel = np.flatnonzero(where == vi)
         vma = vmas[vi]
         offs = vpns[sel] - vma.start
         if vma.obj is None:
-            ptes = await fault_anon(kernel, task, vma, offs, write)
+            await fault_anon(kernel, task, vma, offs, write)
         else:
-            ptes = await fault_shared(kernel, task, vma, offs, write)
-        nodes[sel] = pte_node(ptes)
-        pfns[sel] = pte_pfn(ptes)
-        zero = (ptes & PTE_ZERO) != 0
-        prot[sel] = np.where(zero, P.PROT_ZERO | P.PROT_READ,
-                             np.where((ptes & PTE_WRITE) != 0, P.PROT_READ | P.PROT_WRITE,
-                                      P.PROT_READ))
-    return nodes, pfns, prot
+            await fault_shared(kernel, task, vma, offs, write)
+        groups.append((sel, vma, offs))
+    # The reply is read after the last await, as one snapshot: a page handled earlier may
+    # have been migrated (or write-protected) while a later VMA's pages were allocated.
+    ptes = np.zeros(len(vpns), dtype=np.int64)
+    for sel, vma, offs in groups:
+        ptes[sel] = vma.pte[offs]
+    _wait_for_migration(ptes)
+    if (ptes == 0).any() or (write and ((ptes & (PTE_WRITE | PTE_ZERO)) != PTE_WRITE).any()):
+        raise _Retry(-1, -1)  # changed under us (zapped, write-protected): look again
+    zero = (ptes & PTE_ZERO) != 0
+    prot = np.where(zero, P.PROT_ZERO | P.PROT_READ,
+                    np.where((ptes & PTE_WRITE) != 0, P.PROT_READ | P.PROT_WRITE,
+                             P.PROT_READ)).astype(P.PROT)
+    return pte_node(ptes).astype(P.NODE), pte_pfn(ptes).astype(P.PFN), prot
 
 
 def _wait_for_migration(ptes: np.ndarray) -> None:
@@ -174,7 +183,11 @@ async def fault_shared(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bo
         writable = write or obj.kind == "shm"
         vma.pte[offs[missing]] = make_ptes(new_nodes, new_pfns, writable)
     if write:
+        # Checked again after the last await: writeback may have locked (and be
+        # write-protecting) a page, or a migration unmapped it, while we filled others.
         ptes = vma.pte[offs]
+        _wait_for_migration(ptes)
+        _wait_if_locked(kernel, ptes[(ptes & PTE_PRESENT) != 0])
         upgrade = (ptes & PTE_WRITE) == 0
         vma.pte[offs[upgrade]] |= PTE_WRITE
     ptes = vma.pte[offs]

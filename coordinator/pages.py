@@ -152,7 +152,7 @@ class PageLocks:
         await self._wait(PG_WRITEBACK, node, pfn, timeout)
 
     async def _wait(self, bit: int, node: int, pfn: int, timeout: float | None) -> None:
-        if not self.tables[node].flags[pfn] & bit:
+        if pfn < 0 or not self.tables[node].flags[pfn] & bit:
             return
         key = (int(bit), node, pfn)
         fut = asyncio.get_running_loop().create_future()

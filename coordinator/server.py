@@ -147,6 +147,9 @@ class Coordinator:
             task = self.kernel.tasks.get(pid) if isinstance(pid, int) else None
             if task is not None:
                 task.last_seen = time.monotonic()
+                # A new request means the client stopped waiting for the one that promised
+                # a flushed TLB (interrupted, timed out): it may cache translations again.
+                task.self_flushed = None
             reply = P.ok_reply(seq, **await handler(req))
         except NumaError as exc:
             reply = P.error_reply(seq, exc.errno, exc.strerror)
@@ -271,7 +274,7 @@ class Coordinator:
                     log.warning("background writeback of %s failed: %s", obj.name, exc)
 
     async def reap_dead(self) -> None:
-        """Reap tasks whose process died or whose lease expired (leases, ARCHITECTURE.md)."""
+        """Reap tasks whose process died (local) or whose lease expired (another host)."""
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             for task in list(self.kernel.tasks.values()):

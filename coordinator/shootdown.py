@@ -8,15 +8,19 @@ after taking its access lock, i.e. when no access to those frames is in flight.
 
 Invalidations are batched: one message per client per flush, with all its pages.
 A slow ack is not a dead client (a GIL-holding C call can delay it by 100s of
-ms): we wait in ``ACK_SLICE`` steps and give up only when the client's process
-is gone, its task exited, or its lease expired; then we reap it like an exited
-task.  A task that exits fails the shootdowns waiting for it at once.
+ms): we wait in ``ACK_SLICE`` steps and give up when the client's process is
+gone or its task exited, then reap it like an exited task.  A local client that
+is alive but has not acked within ``LEASE`` is fenced (killed) first: it still
+maps the frames, so nothing it maps may be reused while it could wake up.  A
+task that exits fails the shootdowns waiting for it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 
 import numpy as np
@@ -62,6 +66,7 @@ async def _invalidate(kernel, task, vpns: np.ndarray, write_only: bool) -> None:
         peer.pending[seq] = fut
         try:
             await peer.send(req, seq)
+            sent = time.monotonic()
             while True:
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), ACK_SLICE)
@@ -69,6 +74,10 @@ async def _invalidate(kernel, task, vpns: np.ndarray, write_only: bool) -> None:
                 except asyncio.TimeoutError:
                     if not client_alive(kernel, task):
                         raise PeerGone(f"task {task.pid} died during a TLB shootdown") from None
+                    if time.monotonic() - sent > LEASE:
+                        fence(kernel, task)
+                        raise PeerGone(f"task {task.pid} did not ack a shootdown in {LEASE} s "
+                                       "and was killed") from None
                     log.debug("task %d slow to ack a shootdown of %d pages", task.pid, len(vpns))
         finally:
             peer.pending.pop(seq, None)
@@ -79,9 +88,29 @@ async def _invalidate(kernel, task, vpns: np.ndarray, write_only: bool) -> None:
 
 
 def client_alive(kernel, task) -> bool:
-    """A client is alive if its process exists (local) and its lease has not expired."""
+    """Whether a client may still touch memory through its translations.
+
+    A local client is alive while its process exists, whatever its heartbeats say: a
+    stopped process (Ctrl-Z, a debugger) or one stuck in a long C call still holds its
+    translations, and reaping it would hand its frames to others under its feet.  A client
+    on another host cannot map frames at all, so its lease decides.
+    """
     if task.exiting:
         return False
-    if not kernel.node_alive(task.os_pid, task.host):
-        return False
+    if task.host == kernel.host:
+        return kernel.node_alive(task.os_pid, task.host)
     return time.monotonic() - task.last_seen < LEASE
+
+
+def fence(kernel, task) -> None:
+    """Make sure a client that will not ack can never touch memory again: kill it (STONITH).
+
+    Only a shootdown that must go on needs this; the process keeps its frames mapped
+    until it is gone, so it is killed before anything it maps is reused."""
+    log.error("task %d (os pid %d) has not acknowledged a TLB shootdown for %.0f s; killing "
+              "it so that migration can go on safely", task.pid, task.os_pid, LEASE)
+    if task.host == kernel.host:
+        try:
+            os.kill(task.os_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
