@@ -293,8 +293,10 @@ async def release_object(kernel, obj: SharedObject) -> None:
     if obj.kind == "file":
         try:
             await writeback(kernel, obj)
-        except NumaError as exc:
+        except Exception as exc:  # the mapping is gone already: release anyway
             log.warning("writeback of %s on release failed: %s", obj.name, exc)
+        if obj.maps > 0:
+            return  # mapped again while we wrote back: it lives on, one page cache per file
         kernel.files.pop(obj.name, None)
     else:
         if kernel.shm_names.get(obj.name) is obj:

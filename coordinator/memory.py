@@ -173,6 +173,11 @@ async def fault_shared(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bo
     missing = ptes == 0
     if missing.any():
         entries = await find_or_create_pages(kernel, task, vma, idx[missing])
+        # Another fault of this task (a retry after the client gave up waiting) may have
+        # mapped some of them meanwhile: map each page once.
+        still = vma.pte[offs[missing]] == 0
+        missing[np.flatnonzero(missing)[~still]] = False
+        entries = entries[still]
         new_nodes, new_pfns = pte_node(entries), pte_pfn(entries)
         for n in np.unique(new_nodes).tolist():
             sel = new_pfns[new_nodes == n]

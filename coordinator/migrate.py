@@ -211,7 +211,7 @@ async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: b
     # new_page_t: the target frames, for the whole batch at once.
     try:
         new = await kernel.alloc_on(dst, int(live.sum()), cpu_node)
-    except NumaError:
+    except (NumaError, ClusterError):
         rc[live] = -errno.ENOMEM
         return rc
     new_of = np.full(n, -1, dtype=np.int64)

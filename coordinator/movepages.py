@@ -228,6 +228,8 @@ async def pin_pages(kernel, task: Task, start: int, end: int) -> int:
     """get_user_pages: fault the range in and hold a reference on every page."""
     vpns = np.arange(start, end, dtype=np.int64)
     _, nodes, pfns, _, _ = await handle_fault(kernel, task, vpns, True)
+    if task.exiting:  # reaped while faulting: its pins would never be dropped
+        raise NumaError(errno.ESRCH, f"task {task.pid} has exited")
     for n in np.unique(nodes).tolist():
         np.add.at(kernel.tables[n].refcount, pfns[nodes == n], 1)
     pin = kernel._next_pin

@@ -48,10 +48,12 @@ async def flush_tlb(kernel, targets: dict, *, write_only: bool = False) -> None:
         flushed = task.self_flushed
         if flushed is True:
             continue
-        if flushed is not None:
+        if isinstance(flushed, tuple):
+            vpns = vpns[(vpns < flushed[0]) | (vpns >= flushed[1])]
+        elif flushed is not None:
             vpns = vpns[~np.isin(vpns, flushed)]
-            if len(vpns) == 0:
-                continue
+        if len(vpns) == 0:
+            continue
         waits.append(_invalidate(kernel, task, vpns, write_only))
     if waits:
         await asyncio.gather(*waits)
@@ -113,4 +115,7 @@ def fence(kernel, task) -> None:
         try:
             os.kill(task.os_pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            return
+        deadline = time.monotonic() + 5  # signals are asynchronous: see it gone
+        while kernel.node_alive(task.os_pid, task.host) and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -251,8 +251,7 @@ class Syscalls:
         if move:
             # The policy is installed; now misplaced pages move (shared ones only with
             # MOVE_ALL, skipped silently otherwise).  STRICT turns failures into EIO.
-            flushed = np.arange(start, end, dtype=np.uint64) if req.flushed else None
-            async with self_flushed(task, flushed):
+            async with self_flushed(task, (start, end) if req.flushed else None):
                 failed = await movepages.mbind_move(k, task, start, end, policy, user_nodes,
                                                     bool(req.flags & MoveFlag.MOVE_ALL))
             if failed and strict:
@@ -397,9 +396,9 @@ class Syscalls:
 
 @asynccontextmanager
 async def self_flushed(task: Task | None, vpns):
-    """While a syscall runs: ``task`` (its caller) holds no translation of ``vpns`` (True:
-    none at all), since its client dropped them and cannot fault them back in meanwhile
-    (a task's client sends one request at a time)."""
+    """While a syscall runs: ``task`` (its caller) holds no translation of ``vpns`` (an
+    array, a (start, end) range, or True: none at all), since its client dropped them and
+    cannot fault them back in meanwhile (a task's client sends one request at a time)."""
     if task is None or vpns is None:
         yield
         return
@@ -446,8 +445,9 @@ async def exit_task(k, task: Task) -> None:
         task.tlb.fail(f"task {task.pid} exited")  # shootdowns waiting for its ack go on
     task.tlb = None
     try:
-        await movepages.drop_pins(k, task)
         async with task.mmap_lock.write():
+            # Under the write lock: a pin whose fault held the read lock has finished.
+            await movepages.drop_pins(k, task)
             for vma in list(task.vmas):
                 await unmap_range(k, task, vma.start, vma.end)
     finally:

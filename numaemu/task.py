@@ -646,6 +646,10 @@ class Task:
         self._teardown(detach=True)
 
     def _teardown(self, detach: bool) -> None:
+        # No access may touch the frames once they can be freed: clear the TLB first.
+        with self._access_lock:
+            self._rtlb.clear()
+            self._wtlb.clear()
         shootdown = getattr(self, "_shootdown", None)
         if shootdown is not None:
             shootdown.stop()
