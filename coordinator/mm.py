@@ -140,7 +140,8 @@ class Task:
     tlb: Peer | None = None  # the client's shootdown thread, once it said hello
     # While a syscall of this task runs with its own translations dropped beforehand (the
     # local TLB flush), shootdowns skip it for these vpns (True: all of them).
-    self_flushed: np.ndarray | bool | None = None
+    self_flushed: np.ndarray | tuple | bool | None = None
+    requests: int = 0  # requests received from this task, in order
     last_seen: float = 0.0
     exiting: bool = False
 

@@ -34,7 +34,7 @@ from numaemu.topology import Topology
 from .kernel import Kernel, NodeInfo
 from .links import Peer
 from .shootdown import client_alive
-from .syscalls import Syscalls, exit_task
+from .syscalls import CURRENT_REQUEST, Syscalls, exit_task
 
 log = logging.getLogger("numaemu.coordinator")
 
@@ -150,6 +150,8 @@ class Coordinator:
                 # A new request means the client stopped waiting for the one that promised
                 # a flushed TLB (interrupted, timed out): it may cache translations again.
                 task.self_flushed = None
+                task.requests += 1
+                CURRENT_REQUEST.set(task.requests)
             reply = P.ok_reply(seq, **await handler(req))
         except NumaError as exc:
             reply = P.error_reply(seq, exc.errno, exc.strerror)

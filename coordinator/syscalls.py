@@ -7,6 +7,7 @@ request dataclass (see ``numaemu.protocol``) and return the reply fields.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import time
@@ -33,6 +34,9 @@ from .mm import MMAP_BASE, TASK_SIZE, Task, Vma, check_range
 from .pages import pte_node
 
 log = logging.getLogger("numaemu.coordinator")
+
+#: The number (per task) of the request being handled, set by the server for each request.
+CURRENT_REQUEST: contextvars.ContextVar[int] = contextvars.ContextVar("request", default=0)
 
 
 class Syscalls:
@@ -399,7 +403,9 @@ async def self_flushed(task: Task | None, vpns):
     """While a syscall runs: ``task`` (its caller) holds no translation of ``vpns`` (an
     array, a (start, end) range, or True: none at all), since its client dropped them and
     cannot fault them back in meanwhile (a task's client sends one request at a time)."""
-    if task is None or vpns is None:
+    if task is None or vpns is None or task.requests != CURRENT_REQUEST.get():
+        # (a later request of the task arrived while this one waited, e.g. for the mmap
+        # lock: the client stopped waiting, so its promise no longer holds)
         yield
         return
     task.self_flushed = vpns

@@ -310,3 +310,17 @@ def test_dirty_file_pages_migrate_and_msync_writes_the_new_frames(cluster, tmp_p
     finally:
         t.close()
         other.close()
+
+
+def test_a_task_moving_its_own_pages_gets_no_shootdown(task):
+    """The caller flushes its own TLB (the kernel's local flush): no invalidation reaches
+    it for its own move_pages, migrate_pages or mbind MOVE, and its data stays intact."""
+    m = task.mmap(4 * PS)
+    data = fill(task, m, 5)
+    for k in range(3):
+        assert list(task.move_pages(m.pages, [(k + 1) % 2] * 4, MPOL_MF_MOVE)) == [(k + 1) % 2] * 4
+    assert task.migrate_pages(None, [1], [0]) == 0
+    task.mbind(m.addr, m.length, MPOL_BIND, [1], MPOL_MF_MOVE)
+    assert task.move_pages(m.pages) == [1] * 4
+    assert task.stats()["invalidations"] == 0
+    assert task.read(m.addr, m.length) == data
