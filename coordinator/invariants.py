@@ -16,6 +16,8 @@ the start, so the coordinator state it checks is one consistent snapshot.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from numaemu import protocol as P
@@ -27,6 +29,12 @@ async def check(kernel) -> list[str]:
     """Every violation found, as text; empty when all invariants hold."""
     free_maps = {}
     await kernel.flush_stats()
+    # A page-list refill in flight has frames the node counts as used and we do not list
+    # yet: wait for it (bounded) so that the snapshot below is at rest.
+    for _ in range(500):
+        if not kernel._refilling:
+            break
+        await asyncio.sleep(0.01)
     for n in sorted(kernel.nodes):
         reply = await kernel.node(n).peer.call(P.FreeMap())
         frames = kernel.tables[n].refcount.shape[0]
