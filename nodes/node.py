@@ -119,7 +119,6 @@ class Node:
             "account": self.account,
             "read_frames": self.read_frames,
             "write_frames": self.write_frames,
-            "lru_state": self.lru_state,
             "free_map": self.free_map,
             "isolate": self.isolate,
             "putback": self.putback,
@@ -179,10 +178,6 @@ class Node:
             len(req.pfns), self.segment.page_size
         )
         return {}
-
-    def lru_state(self, req: P.LruState) -> dict:
-        self._check_pfns(req.pfns)
-        return {"state": self.lru[req.pfns].astype(P.PROT)}
 
     def isolate(self, req: P.Isolate) -> dict:
         self._check_pfns(req.pfns)

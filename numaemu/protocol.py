@@ -459,11 +459,6 @@ class WriteFrames:
     data: bytes
 
 
-@request("lru_state")
-class LruState:
-    pfns: PfnArray
-
-
 @request("isolate")
 class Isolate:
     """Take frames off the LRU (isolate_lru_page); the reply says which were on it."""

@@ -416,47 +416,46 @@ class Task:
 
     def _invalidate(self, vpns: np.ndarray, write_only: bool) -> None:
         """Called by the shootdown thread: drop entries once no access is in flight."""
-        if len(vpns) == 0:
-            return
-        idx = vpns.astype(np.int64) - self._base_vpn
-        # Runs of consecutive pages are cleared with one slice assignment each.
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        ends = np.concatenate((breaks, [len(idx)])).tolist()
         with self._access_lock:
             if self._fault_pending:
                 self._inval_log.append(vpns)
-            rtlb, wtlb = self._rtlb, self._wtlb
-            size = len(rtlb)
-            for a, b in zip(starts, ends):
-                lo, hi = max(0, int(idx[a])), min(size, int(idx[b - 1]) + 1)
-                if lo < hi:
-                    wtlb[lo:hi] = [None] * (hi - lo)
-                    if not write_only:
-                        rtlb[lo:hi] = [None] * (hi - lo)
+            self._clear(vpns, write_only)
             self._totals["invalidations"] += 1
+
+    def _clear(self, vpns: np.ndarray, write_only: bool = False) -> None:
+        """Drop the TLB entries of ``vpns`` (sorted), one slice assignment per run of
+        consecutive pages; the caller holds the access lock."""
+        if len(vpns) == 0:
+            return
+        idx = vpns.astype(np.int64) - self._base_vpn
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [len(idx)])).tolist()
+        rtlb, wtlb = self._rtlb, self._wtlb
+        size = len(rtlb)
+        for a, b in zip(starts, ends):
+            lo, hi = max(0, int(idx[a])), min(size, int(idx[b - 1]) + 1)
+            if lo < hi:
+                wtlb[lo:hi] = [None] * (hi - lo)
+                if not write_only:
+                    rtlb[lo:hi] = [None] * (hi - lo)
 
     def _drop_vpns(self, vpns: np.ndarray | None) -> None:
         """Drop our translations of ``vpns`` (None: all of them)."""
         with self._access_lock:
             if vpns is None:
-                n = len(self._rtlb)
-                self._rtlb[:] = [None] * n
-                self._wtlb[:] = [None] * n
-                return
-            size = len(self._rtlb)
-            for i in (vpns.astype(np.int64) - self._base_vpn).tolist():
-                if 0 <= i < size:
-                    self._rtlb[i] = None
-                    self._wtlb[i] = None
+                vpns = np.arange(len(self._rtlb), dtype=np.int64) + self._base_vpn
+            self._clear(np.unique(vpns.astype(np.int64)))
 
     def _drop_range(self, addr: int, length: int) -> None:
-        i0 = max(0, (addr >> self._shift) - self._base_vpn)
-        i1 = ((addr + length + self.page_size - 1) >> self._shift) - self._base_vpn
+        """Drop our translations of ``[addr, addr + length)``."""
         with self._access_lock:
-            for i in range(i0, min(i1, len(self._rtlb))):
-                self._rtlb[i] = None
-                self._wtlb[i] = None
+            # Clamped to the TLB first: the range may be far larger than anything mapped.
+            i0 = max(0, (addr >> self._shift) - self._base_vpn)
+            i1 = min(len(self._rtlb),
+                     ((addr + length + self.page_size - 1) >> self._shift) - self._base_vpn)
+            if i0 < i1:
+                self._clear(np.arange(i0, i1, dtype=np.int64) + self._base_vpn)
 
     def _call(self, op: str, **fields) -> dict:
         if self._closed:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -63,14 +62,7 @@ def _invariants_hold(request):
     yield
     for name in ("cluster", "cluster4", "weighted_cluster"):
         if name in request.fixturenames:
-            c = request.getfixturevalue(name)
-            problems = c.check()
-            if problems:
-                # The checker wants a cluster at rest; background work a test started (a
-                # reaper, the flusher, a page-list refill) may still be finishing.  A real
-                # violation persists: look once more, then fail with what was seen first.
-                time.sleep(0.5)
-                assert c.check() == [], problems
+            assert request.getfixturevalue(name).check() == []
 
 
 @pytest.fixture
