@@ -54,15 +54,18 @@ async def flush_tlb(kernel, targets: dict, *, write_only: bool = False) -> None:
             vpns = vpns[~np.isin(vpns, flushed)]
         if len(vpns) == 0:
             continue
-        waits.append(_invalidate(kernel, task, vpns, write_only))
+        waits.append(_invalidate(kernel, task, task.tlb, vpns, write_only))
     if waits:
         await asyncio.gather(*waits)
 
 
-async def _invalidate(kernel, task, vpns: np.ndarray, write_only: bool) -> None:
+async def _invalidate(kernel, task, peer, vpns: np.ndarray, write_only: bool) -> None:
+    # ``peer`` was taken when the flush started: the task may exit (task.tlb = None) before
+    # this coroutine runs, and then its failed peer ends the wait below.
     req = P.Invalidate(vpns=vpns, write_only=write_only)
-    peer = task.tlb
     try:
+        if peer.gone:
+            raise PeerGone(f"task {task.pid} exited during a TLB shootdown")
         seq = next(peer._seq)
         fut = asyncio.get_running_loop().create_future()
         peer.pending[seq] = fut
