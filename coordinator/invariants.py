@@ -35,7 +35,7 @@ async def check(kernel) -> list[str]:
         if not kernel._refilling:
             break
         await asyncio.sleep(0.01)
-    for n in sorted(kernel.nodes):
+    for n in sorted(set(kernel.nodes) - kernel.offline):  # a dead node's memory is gone
         reply = await kernel.node(n).peer.call(P.FreeMap())
         frames = kernel.tables[n].refcount.shape[0]
         bits = np.unpackbits(np.frombuffer(reply["bits"], dtype=np.uint8))[:frames]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from dataclasses import dataclass
 
@@ -61,6 +60,8 @@ class NodeInfo:
     host: str
     os_pid: int
     data_endpoint: str
+    last_heard: float = 0.0  # monotonic time of the node's last message (heartbeat lease)
+    pidfd: int | None = None  # a local node's process: its death is seen at once
 
 
 class Kernel:
@@ -76,6 +77,10 @@ class Kernel:
         self.locks = PageLocks(self.tables)
         self.free = np.array(topology.frames_per_node, dtype=np.int64)
         self.nodes: dict[int, NodeInfo] = {}
+        self.offline: set[int] = set()  # nodes that died (coordinator/memory_failure.py)
+        self.last_stats: dict[int, dict] = {}  # numastat each node last reported
+        self.inject_steps: dict[int, int] = {}  # migration step -> failures to inject
+        self.stopping = False  # the cluster is shutting down: nodes leaving is expected
         self.tasks: dict[int, object] = {}
         self.objects: dict[int, object] = {}  # id -> SharedObject
         self.shm_names: dict[str, object] = {}
@@ -122,10 +127,20 @@ class Kernel:
 
     # -- frames --------------------------------------------------------------
     def node(self, n: int) -> NodeInfo:
+        """A live node; one that is not up, or died, is ENODEV."""
         info = self.nodes.get(n)
         if info is None:
             raise NumaError(19, f"node {n} is not up")
+        if n in self.offline:
+            raise NumaError(19, f"node {n} is offline ({info.peer.reason})")
         return info
+
+    async def post(self, n: int, req) -> None:
+        """A fire-and-forget message to node ``n`` (links.Peer.post); a node that died needs
+        none of them any more."""
+        info = self.nodes.get(n)
+        if info is not None and n not in self.offline:
+            await info.peer.post(req)
 
     async def alloc_pages(self, policy: MemPolicy | None, cpu_node: int, ilx: np.ndarray, *,
                           flags: int, mapping: int, index: np.ndarray, owner: int,
@@ -152,8 +167,9 @@ class Kernel:
         if failed:
             self.free += per_node
             for n, r in zip(wanted, results):
-                if not isinstance(r, BaseException):
+                if not isinstance(r, BaseException) and n not in self.offline:
                     self.pcp[n] = np.concatenate((r, self.pcp[n]))
+            self.free[list(self.offline)] = 0  # a node that died meanwhile has nothing free
             raise NumaError(12, f"frame allocation failed: {failed[0]}")
         for key, per in plan.numastat_deltas(cpu_node, self.num_nodes).items():
             for n in np.flatnonzero(per).tolist():
@@ -170,6 +186,7 @@ class Kernel:
         """``count`` frames on exactly ``node`` (a migration target); ENOMEM if it is short."""
         if count == 0:
             return np.empty(0, dtype=np.int64)
+        self.node(node)  # ENODEV for a node that died
         if count > self.free[node]:
             raise NumaError(12, f"node {node} has {self.free[node]} free frames, {count} wanted")
         self.free[node] -= count  # reserved before awaiting, as in alloc_pages
@@ -180,7 +197,8 @@ class Kernel:
                 reply = await self.node(node).peer.call(P.Alloc(count=count, zero=False))
                 pfns = np.frombuffer(reply["pfns"], dtype=P.PFN).astype(np.int64)
         except BaseException:
-            self.free[node] += count
+            if node not in self.offline:
+                self.free[node] += count
             raise
         # A migration target is a hit on its node, local or other by the migrating CPU.
         stats = self.pending_stats[node]
@@ -221,7 +239,8 @@ class Kernel:
                 except NumaError:
                     reply = await self.node(node).peer.call(P.Alloc(count=need))
             except BaseException:
-                self.pcp[node] = np.concatenate((have, self.pcp[node]))
+                if node not in self.offline:
+                    self.pcp[node] = np.concatenate((have, self.pcp[node]))
                 raise
             bulk = np.concatenate((have,
                                    np.frombuffer(reply["pfns"], dtype=P.PFN).astype(np.int64)))
@@ -238,7 +257,8 @@ class Kernel:
             if need > 0:
                 reply = await self.node(node).peer.call(P.Alloc(count=need))
                 bulk = np.frombuffer(reply["pfns"], dtype=P.PFN).astype(np.int64)
-                self.pcp[node] = np.concatenate((self.pcp[node], bulk))
+                if node not in self.offline:  # it may have died while we waited
+                    self.pcp[node] = np.concatenate((self.pcp[node], bulk))
         except Exception as exc:  # the node is short of frames: the list simply stays short
             log.debug("page list refill of node %d: %s", node, exc)
         finally:
@@ -247,19 +267,21 @@ class Kernel:
     async def flush_stats(self) -> None:
         """Send the batched numastat increments to their nodes."""
         for n, stats in enumerate(self.pending_stats):
-            if stats and n in self.nodes:
+            if stats and n in self.nodes and n not in self.offline:
                 self.pending_stats[n] = {}
-                await self.node(n).peer.send(P.Account(stats=stats))
+                await self.post(n, P.Account(stats=stats))
 
     async def free_frames(self, node: int, pfns: np.ndarray) -> None:
         """Give frames back to their node (their refcount reached zero)."""
         if len(pfns) == 0:
             return
         self.tables[node].clear(pfns)
+        if node in self.offline:
+            return  # the node's memory is gone: nothing to give back
         self.free[node] += len(pfns)
         # No need to wait: the node handles its requests in order, so a later alloc or
         # free-map query sees these frames free; the free counts here are updated already.
-        await self.node(node).peer.send(P.Free(pfns=pfns.astype(P.PFN)))
+        await self.post(node, P.Free(pfns=pfns.astype(P.PFN)))
 
     async def put_pages(self, nodes: np.ndarray, pfns: np.ndarray) -> None:
         """Drop one reference from each page; free those that reach zero (put_page)."""
@@ -270,15 +292,3 @@ class Kernel:
             dead = sel[table.refcount[sel] <= 0]
             if len(dead):
                 await self.free_frames(n, np.unique(dead))
-
-    def node_alive(self, os_pid: int, host: str) -> bool:
-        """Liveness of a local process by pid (remote ones rely on leases)."""
-        if host != self.host:
-            return True
-        try:
-            os.kill(os_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True

@@ -27,6 +27,7 @@ from numaemu import protocol as P
 from numaemu.errors import NumaError
 
 from .filemap import cache_entry, fill_from_file
+from .memory_failure import poisoned
 from .mm import Task, Vma
 from .pages import (
     PG_ANON,
@@ -67,6 +68,12 @@ async def handle_fault(kernel, task: Task, vpns: np.ndarray, write: bool):
                 return (vpns, *await _fault_once(kernel, task, vpns, write), waits)
             except _Retry as wait:
                 waits += wait.migration  # task.stats()["migration_waits"]
+                if wait.migration and not _page_locked(kernel, wait.node, wait.pfn):
+                    # A migration entry is only ever installed on a locked page (step 5) and
+                    # removed before the unlock (step 16, or the back-out): one on an unlocked
+                    # page is a bug.  Repair it instead of retrying forever.
+                    repair_migration_entries(kernel, task, vpns, wait.node, wait.pfn)
+                    continue
                 await kernel.locks.wait_on_page_locked(wait.node, wait.pfn, WAIT_TIMEOUT)
                 await asyncio.sleep(0)  # never spin the loop, whatever the page's state
 
@@ -93,6 +100,7 @@ async def _fault_once(kernel, task: Task, vpns: np.ndarray, write: bool):
     for sel, vma, offs in groups:
         ptes[sel] = vma.pte[offs]
     _wait_for_migration(ptes)
+    _check_poison(kernel, vpns, ptes)
     if (ptes == 0).any() or (write and ((ptes & (PTE_WRITE | PTE_ZERO)) != PTE_WRITE).any()):
         raise _Retry(-1, -1)  # changed under us (zapped, write-protected): look again
     zero = (ptes & PTE_ZERO) != 0
@@ -100,6 +108,46 @@ async def _fault_once(kernel, task: Task, vpns: np.ndarray, write: bool):
                     np.where((ptes & PTE_WRITE) != 0, P.PROT_READ | P.PROT_WRITE,
                              P.PROT_READ)).astype(P.PROT)
     return pte_node(ptes).astype(P.NODE), pte_pfn(ptes).astype(P.PFN), prot
+
+
+def _page_locked(kernel, node: int, pfn: int) -> bool:
+    return pfn >= 0 and bool(kernel.tables[node].flags[pfn] & PG_LOCKED)
+
+
+def _check_poison(kernel, vpns: np.ndarray, ptes: np.ndarray) -> None:
+    """A page on a node that died is lost: touching it is EIO (the SIGBUS of a poisoned
+    page, coordinator/memory_failure.py)."""
+    if not kernel.offline:
+        return
+    present = (ptes & PTE_PRESENT) != 0
+    bad = np.flatnonzero(present & poisoned(kernel, pte_node(ptes)))
+    if len(bad):
+        node = int(pte_node(ptes[bad[:1]])[0])
+        raise NumaError(errno.EIO, f"page at {int(vpns[bad[0]]) * kernel.page_size:#x} was on "
+                                   f"node {node}, which failed (memory poisoned)")
+
+
+def repair_migration_entries(kernel, task: Task, vpns: np.ndarray, node: int,
+                             pfn: int) -> None:
+    """Turn stray migration entries of ``task`` naming (node, pfn) back into what the page's
+    state says: a present PTE to the page if it is still allocated and belongs here, none
+    (the page is lost: the next touch allocates or reads anew) if it is not."""
+    log.error("task %d: migration entry for unlocked page %d:%d; repairing it", task.pid,
+              node, pfn)
+    table = kernel.tables[node]
+    alive = table.refcount[pfn] > 0
+    entry = (make_ptes(node, np.array([pfn]), False)[0] & ~PTE_PRESENT) | PTE_MIGRATION
+    for vma in task.vmas:
+        hit = np.flatnonzero((vma.pte & ~PTE_WRITE) == entry)
+        if len(hit) == 0:
+            continue
+        if alive:
+            write = (vma.pte[hit] & PTE_WRITE) != 0
+            vma.pte[hit] = make_ptes(node, np.full(len(hit), pfn), write)
+            table.mapcount[pfn] += len(hit)
+            table.refcount[pfn] += len(hit)
+        else:
+            vma.pte[hit] = 0
 
 
 def _wait_for_migration(ptes: np.ndarray) -> None:

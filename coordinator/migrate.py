@@ -112,7 +112,7 @@ async def isolate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarr
         table.flags[got] = (table.flags[got] & ~int(PG_LRU)) | PG_ISOLATED
         table.refcount[got] += 1
         ok[sel] = True
-        await kernel.node(n).peer.send(P.Isolate(pfns=got.astype(P.PFN)))
+        await kernel.post(n, P.Isolate(pfns=got.astype(P.PFN)))
     return ok
 
 
@@ -124,8 +124,7 @@ async def putback_pages(kernel, node: int, pfns: np.ndarray) -> None:
     table = kernel.tables[node]
     active = (table.flags[pfns] & PG_ACTIVE) != 0
     table.flags[pfns] = (table.flags[pfns] & ~int(PG_ISOLATED)) | PG_LRU
-    await kernel.node(node).peer.send(P.Putback(pfns=pfns.astype(P.PFN),
-                                                active=active.astype(P.PROT)))
+    await kernel.post(node, P.Putback(pfns=pfns.astype(P.PFN), active=active.astype(P.PROT)))
     await kernel.put_pages(np.full(len(pfns), node, dtype=np.int16), pfns)
 
 
@@ -193,166 +192,310 @@ async def _run_batches(kernel, src: int, dst: int, pfns: np.ndarray, chunks: lis
 
 
 # -- Part B: one batch, steps 1-20 ---------------------------------------------------------
+#
+# A batch is a transaction.  Until step 16 makes the new pages visible (the commit point),
+# everything done so far can be undone without an await: ``_Batch.abort`` puts the old
+# pages' migration entries back, points page-cache slots at the old pages again, and
+# leaves the new frames to be freed.  Any exception, and any node or client failure, between
+# steps 1 and 16 ends in ``abort`` *before* the page locks are released at step 19, so no
+# fault ever sees a migration entry on an unlocked page or a PTE to a freed frame.  The
+# error is then reported per page (rc), never left to unwind half-done state.
+
+#: Per page of a batch: how far it got (what ``abort`` has to undo).
+PREPARED, UNMAPPED, SWITCHED, REFS_MOVED, COMMITTED = 1, 2, 3, 4, 5
 
 
-async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: bool,
-                         cpu_node: int) -> np.ndarray:
-    """Migrate ``old`` (isolated pages of node ``src``) to node ``dst``; rc per page."""
-    n = len(old)
-    rc = np.zeros(n, dtype=np.int32)
-    told, tnew = kernel.tables[src], kernel.tables[dst]
+class InjectedFailure(RuntimeError):
+    """A failure injected at a migration step (tests of the back-out paths)."""
 
-    # A page whose only reference is ours was freed under us: nothing to move, just drop it.
-    gone = (told.refcount[old] == 1) & (told.mapcount[old] == 0) & (told.mapping[old] == 0)
-    if gone.any():
-        await _put_old(kernel, src, old[gone])
-    live = ~gone
 
-    # new_page_t: the target frames, for the whole batch at once.
-    try:
-        new = await kernel.alloc_on(dst, int(live.sum()), cpu_node)
-    except (NumaError, ClusterError):
-        rc[live] = -errno.ENOMEM
-        return rc
-    new_of = np.full(n, -1, dtype=np.int64)
-    new_of[live] = new
+class _NodeLost(Exception):
+    """The source or target node died during the batch."""
 
-    # Fairness: a page that tasks were waiting for when it last moved is theirs for a short
-    # while (HOLD); without it, back-to-back migrations of a hot page could starve them,
-    # since a woken task needs a round trip to reach the new page.
-    now = time.monotonic()
-    held = live & (told.hold_until[old] > now)
-    if held.any():
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+def _step(kernel, step: int) -> None:
+    """A point between two steps: fail here if a test asked for it (``inject_fault`` with
+    request ``migrate_step_N``), and notice a node that died during the last await."""
+    left = kernel.inject_steps.get(step, 0)
+    if left:
+        kernel.inject_steps[step] = left - 1
+        raise InjectedFailure(f"injected failure at migration step {step}")
+
+
+class _Batch:
+    """One (source node, target node) batch of isolated pages on its way through steps 1-20."""
+
+    def __init__(self, kernel, src: int, dst: int, old: np.ndarray, cpu_node: int) -> None:
+        self.kernel, self.src, self.dst, self.old, self.cpu_node = kernel, src, dst, old, cpu_node
+        n = len(old)
+        self.rc = np.zeros(n, dtype=np.int32)
+        self.new = np.full(n, -1, dtype=np.int64)  # target frame per page, once allocated
+        self.locked = np.zeros(n, dtype=bool)  # old page locked by us (step 1)
+        self.stage = np.zeros(n, dtype=np.int8)
+        self.record = None  # the migration entries of step 5
+        self.go_idx = np.empty(0, dtype=np.int64)  # the pages that entered step 3
+        self.flags_moved = np.zeros(n, dtype=bool)  # step 13 done
+        self.freed = np.zeros(n, dtype=bool)  # freed under us before we started
+        self.told, self.tnew = kernel.tables[src], kernel.tables[dst]
+
+    def check_nodes(self) -> None:
+        """After an await: a node that died meanwhile fails the rest of the batch."""
+        offline = self.kernel.offline
+        if self.src in offline:
+            raise _NodeLost(errno.EIO, f"source node {self.src} died")
+        if self.dst in offline:
+            raise _NodeLost(errno.ENODEV, f"target node {self.dst} died")
+
+    def fail(self, which: np.ndarray, err: int) -> None:
+        self.rc[which & (self.rc == 0)] = -err
+
+    # -- back-out -------------------------------------------------------------------
+    def abort(self, err: int, which: np.ndarray | None = None) -> None:
+        """Undo the pages of ``which`` (default: every page) that have not committed, without
+        an await (see above), and fail them with ``err``."""
+        k, src, dst, told, tnew = self.kernel, self.src, self.dst, self.told, self.tnew
+        sel = self.stage < COMMITTED
+        if which is not None:
+            sel &= which
+        # Steps 13-14 back: the flags that travelled return to the old page.
+        back = np.flatnonzero(sel & self.flags_moved)
+        told.flags[self.old[back]] |= tnew.flags[self.new[back]] & MIGRATED_FLAGS
+        self.flags_moved[back] = False
+        # Steps 9-10 back: the cache slot names the old page again, with its reference.
+        for i in np.flatnonzero(sel & (self.stage >= SWITCHED)).tolist():
+            o, w = int(self.old[i]), int(self.new[i])
+            obj = k.objects.get(int(told.mapping[o]))
+            slot = int(told.index[o])
+            if obj is not None and obj.cache[slot] == cache_entry(dst, np.array([w]))[0]:
+                obj.cache[slot] = cache_entry(src, np.array([o]))[0]
+            if self.stage[i] == REFS_MOVED:
+                told.refcount[o] += 1
+                tnew.refcount[w] -= 1
+        # Step 5 back: the migration entries become PTEs of the old pages again.
+        unmapped = sel & (self.stage >= UNMAPPED)
+        if unmapped.any():
+            remove_migration_entries(k, self.record, unmapped[self.go_idx], src,
+                                     self.old[self.go_idx])
+        self.stage[unmapped] = PREPARED
+        self.fail(sel, err)
+
+    # -- steps ------------------------------------------------------------------------
+    async def run(self, sync: bool) -> None:
+        k, src, dst, old, told, tnew = (self.kernel, self.src, self.dst, self.old, self.told,
+                                        self.tnew)
+        self.check_nodes()
+        # A page whose only reference is ours was freed under us: nothing to move, just drop it.
+        gone = (told.refcount[old] == 1) & (told.mapcount[old] == 0) & (told.mapping[old] == 0)
+        if gone.any():
+            self.stage[gone] = COMMITTED  # nothing to undo; step 20 drops our reference
+            self.freed = gone
+        live = ~gone
+
+        # new_page_t: the target frames, for the whole batch at once.
+        try:
+            new = await k.alloc_on(dst, int(live.sum()), self.cpu_node)
+        except (NumaError, ClusterError):
+            self.check_nodes()
+            self.fail(live, errno.ENOMEM)
+            return
+        self.new[live] = new
+        self.check_nodes()
+
+        # Fairness: a page that tasks were waiting for when it last moved is theirs for a
+        # short while (HOLD); without it, back-to-back migrations of a hot page could starve
+        # them, since a woken task needs a round trip to reach the new page.
+        now = time.monotonic()
+        held = live & (told.hold_until[old] > now)
+        if held.any():
+            if sync:
+                await asyncio.sleep(float(told.hold_until[old[held]].max() - now))
+                self.check_nodes()
+            else:
+                self.fail(held, errno.EAGAIN)
+                live &= ~held
+
+        # Step 1: lock the old pages (trylock while not sync).
+        idx = np.flatnonzero(live)
         if sync:
-            await asyncio.sleep(float(told.hold_until[old[held]].max() - now))
+            got = await _lock_all(k, src, old[idx])
         else:
-            rc[held] = -errno.EAGAIN
-            live &= ~held
-            await kernel.release_new(dst, new_of[held])
-            new_of[held] = -1
+            got = k.locks.trylock(src, old[idx])
+        self.locked[idx[got]] = True
+        self.fail(live & ~self.locked, errno.EAGAIN)
+        self.check_nodes()
+        _step(k, 1)
 
-    # Step 1: lock the old pages (trylock while not sync).
-    go = live.copy()
-    if sync:
-        idx = np.flatnonzero(go)
-        got = await _lock_all(kernel, src, old[go])
-        rc[idx[~got]] = -errno.EAGAIN
-        go[idx[~got]] = False
-    else:
-        got = kernel.locks.trylock(src, old[go])
-        idx = np.flatnonzero(go)
-        rc[idx[~got]] = -errno.EAGAIN
-        go[idx[~got]] = False
-    try:
         # Step 2: writeback must be complete.
-        wb = go & ((told.flags[old] & PG_WRITEBACK) != 0)
+        wb = self.locked & (self.rc == 0) & ((told.flags[old] & PG_WRITEBACK) != 0)
         if wb.any():
             if not sync:
-                rc[wb] = -errno.EBUSY
-                _unlock(kernel, src, old[wb])
-                go &= ~wb
+                self.fail(wb, errno.EBUSY)
             else:
                 try:
                     for pfn in old[wb].tolist():
-                        await kernel.locks.wait_on_page_writeback(src, pfn, LOCK_TIMEOUT)
+                        await k.locks.wait_on_page_writeback(src, pfn, LOCK_TIMEOUT)
                 except asyncio.TimeoutError:  # writeback stuck: these pages stay, -EBUSY
-                    rc[wb] = -errno.EBUSY
-                    _unlock(kernel, src, old[wb])
-                    go &= ~wb
+                    self.fail(wb, errno.EBUSY)
+                self.check_nodes()
+        _step(k, 2)
 
         # Step 3: new pages locked and not uptodate: accesses to them wait on the lock.
         # Step 4: they carry the old page's settings (mapping, index, anon).
-        g = np.flatnonzero(go)
-        o, w = old[g], new_of[g]
+        self.go_idx = g = np.flatnonzero(self.locked & (self.rc == 0))
+        o, w = old[g], self.new[g]
         tnew.flags[w] = PG_LOCKED | (told.flags[o] & PG_ANON)
         tnew.refcount[w] = 1  # our reference, dropped at step 20
         tnew.mapping[w], tnew.index[w], tnew.owner[w] = told.mapping[o], told.index[o], \
             told.owner[o]
+        self.stage[g] = PREPARED
+        _step(k, 3)
+        _step(k, 4)
 
         # Step 5: every PTE becomes a migration entry; flush the TLBs that may cache them.
-        record, _ = try_to_migrate(kernel, src, o)
-        await flush_tlb(kernel, record.tasks())
-        still_mapped = told.mapcount[o] != 0
-        back_out = still_mapped.copy()
+        self.record, _ = try_to_migrate(k, src, o)
+        self.stage[g] = UNMAPPED
+        _step(k, 5)
+        await flush_tlb(k, self.record.tasks())
+        self.check_nodes()
+        back_out = told.mapcount[o] != 0
 
         async with AsyncExitStack() as tree_locks:
             # Step 6: the mapping's tree lock (page-cache pages), in object order.
             oids = sorted(set(told.mapping[o][~back_out].tolist()) - {0})
             for oid in oids:
-                obj = kernel.objects.get(oid)
+                obj = k.objects.get(oid)
                 if obj is not None:
                     await tree_locks.enter_async_context(obj.tree_lock)
+            self.check_nodes()
+            _step(k, 6)
             cached = told.mapping[o] != 0
             # Step 7: back out if references remain (pins, a racing lookup).
             expected = 1 + cached.astype(np.int32)
             back_out |= told.refcount[o] != expected
+            _step(k, 7)
             # Step 8: the slot must still point at the old page.
             for oid in oids:
-                obj = kernel.objects.get(oid)
+                obj = k.objects.get(oid)
                 mine = np.flatnonzero((told.mapping[o] == oid) & ~back_out)
                 if obj is None:
                     back_out[mine] = True
                     continue
                 slot = told.index[o[mine]]
                 back_out[mine[obj.cache[slot] != cache_entry(src, o[mine])]] = True
+            _step(k, 8)
+            switched = []
+            for oid in oids:
+                obj = k.objects.get(oid)
+                if obj is None:
+                    continue
+                ok = np.flatnonzero((told.mapping[o] == oid) & ~back_out)
                 # Step 9: the slot points at the new page.
-                ok = mine[obj.cache[slot] == cache_entry(src, o[mine])]
                 obj.cache[told.index[o[ok]]] = cache_entry(dst, w[ok])
+                self.stage[g[ok]] = SWITCHED
+                switched.append(ok)
+            _step(k, 9)
+            for ok in switched:
                 # Step 10: the cache's reference moves from the old page to the new one.
                 told.refcount[o[ok]] -= 1
                 tnew.refcount[w[ok]] += 1
+                self.stage[g[ok]] = REFS_MOVED
+            _step(k, 10)
             # Step 11: the tree lock is dropped on leaving this block.
+        _step(k, 11)
 
-        if back_out.any():
-            _restore(kernel, record, src, o, back_out)
-            rc[g[back_out]] = -errno.EAGAIN
+        if back_out.any():  # those pages stay where they are: -EAGAIN, retried next pass
+            which = np.zeros(len(old), dtype=bool)
+            which[g[back_out]] = True
+            self.abort(errno.EAGAIN, which)
         moving = ~back_out
 
         # Step 12: copy the contents, on the target node.
         if moving.any():
-            src_info = kernel.node(src)
-            try:
-                await kernel.node(dst).peer.call(P.CopyIn(
-                    src_node=src, src_path=src_info.path, src_endpoint=src_info.data_endpoint,
-                    src_pfns=o[moving].astype(P.PFN), dst_pfns=w[moving].astype(P.PFN)))
-            except (NumaError, ClusterError) as exc:
-                log.warning("copy %d -> %d failed (%s); backing the batch out", src, dst, exc)
-                _undo_cache_switch(kernel, src, dst, o, w, moving)
-                _restore(kernel, record, src, o, moving)
-                rc[g[moving]] = -errno.EAGAIN
-                moving[:] = False
+            src_info = k.node(src)
+            await k.node(dst).peer.call(P.CopyIn(
+                src_node=src, src_path=src_info.path, src_endpoint=src_info.data_endpoint,
+                src_pfns=o[moving].astype(P.PFN), dst_pfns=w[moving].astype(P.PFN)))
+            self.check_nodes()
+        _step(k, 12)
 
         if moving.any():
             mo, mw = o[moving], w[moving]
             # Step 13: the remaining flags travel; step 14: the old page holds nothing.
             tnew.flags[mw] |= told.flags[mo] & MIGRATED_FLAGS
+            self.flags_moved[g[moving]] = True
+            _step(k, 13)
             told.flags[mo] &= ~MIGRATED_FLAGS
+            _step(k, 14)
             # Step 15: a dirty page-cache page gets its writeback queued on the new page.
             dirty_files = set(told.mapping[mo][(tnew.flags[mw] & PG_DIRTY) != 0].tolist())
             for oid in dirty_files - {0}:
-                kernel.queue_writeback(oid)
-            # Step 16: migration entries become real PTEs to the new page.
+                k.queue_writeback(oid)
+            _step(k, 15)
+            # Step 16: migration entries become real PTEs to the new page: the commit point.
             mask = np.zeros(len(o), dtype=bool)
             mask[moving] = True
-            remove_migration_entries(kernel, record, mask, dst, w)
-    finally:
-        # Step 19: unlock old and new; everyone waiting on them redoes its fault.
-        g = np.flatnonzero(go)
-        kernel.locks.unlock(dst, new_of[g])
-        woke = kernel.locks.unlock(src, old[go])
-        moved = rc[g] == 0
-        tnew.hold_until[new_of[g[woke & moved]]] = time.monotonic() + HOLD
+            remove_migration_entries(k, self.record, mask, dst, w)
+            self.stage[g[moving]] = COMMITTED
+        _step(k, 16)
 
-    # Step 20: the new pages go on the target's LRU, the old frames are freed; pages that
-    # did not move keep their isolation reference (retried, or put back by the caller).
-    done = go & (rc == 0)
-    if done.any():
-        await _putback_new(kernel, dst, new_of[done])
-        await _put_old(kernel, src, old[done])
-    unused = live & ~done
-    if unused.any():
-        await kernel.release_new(dst, new_of[unused])
-    return rc
+    async def finish(self) -> None:
+        """Steps 19-20, whatever happened before: unlock, put the moved pages back on the
+        target's LRU, free the old frames of moved pages and the new frames of the rest."""
+        k, src, dst = self.kernel, self.src, self.dst
+        moved = (self.stage == COMMITTED) & ~self.freed
+        # Step 19: unlock old and new; everyone waiting on them redoes its fault.
+        prepared = self.stage >= PREPARED
+        prepared &= self.new >= 0
+        k.locks.unlock(dst, self.new[prepared])
+        woke = k.locks.unlock(src, self.old[self.locked])
+        with_waiters = np.zeros(len(self.old), dtype=bool)
+        with_waiters[np.flatnonzero(self.locked)[woke]] = True
+        self.tnew.hold_until[self.new[with_waiters & moved]] = time.monotonic() + HOLD
+        # Step 20: the new pages go on the target's LRU, the old frames are freed; pages that
+        # did not move keep their isolation reference (retried, or put back by the caller).
+        try:
+            if moved.any():
+                await _putback_new(k, dst, self.new[moved])
+                await _put_old(k, src, self.old[moved])
+        finally:
+            if self.freed.any():
+                await _put_old(k, src, self.old[self.freed])
+            unused = (self.new >= 0) & ~moved
+            if unused.any():
+                await k.release_new(dst, self.new[unused])
+
+
+async def unmap_and_move(kernel, src: int, dst: int, old: np.ndarray, *, sync: bool,
+                         cpu_node: int) -> np.ndarray:
+    """Migrate ``old`` (isolated pages of node ``src``) to node ``dst``; rc per page.
+
+    Never raises for a failure inside the batch (only cancellation propagates, after the
+    batch has been undone): see the transaction note above."""
+    batch = _Batch(kernel, src, dst, old, cpu_node)
+    try:
+        await batch.run(sync)
+    except asyncio.CancelledError:
+        batch.abort(errno.EINTR)
+        await asyncio.shield(batch.finish())
+        raise
+    except _NodeLost as exc:
+        log.warning("migration %d -> %d: %s; backing the batch out", src, dst, exc)
+        batch.abort(exc.errno)
+    except (NumaError, ClusterError) as exc:
+        log.warning("migration %d -> %d failed (%s); backing the batch out", src, dst, exc)
+        batch.abort(errno.EAGAIN)
+    except Exception as exc:
+        if isinstance(exc, InjectedFailure):
+            log.warning("migration %d -> %d: %s; backing the batch out", src, dst, exc)
+        else:
+            log.exception("migration %d -> %d failed; backing the batch out", src, dst)
+        batch.abort(errno.EIO)
+    await batch.finish()
+    return batch.rc
 
 
 async def _lock_all(kernel, node: int, pfns: np.ndarray) -> np.ndarray:
@@ -373,35 +516,12 @@ async def _lock_all(kernel, node: int, pfns: np.ndarray) -> np.ndarray:
     return locked
 
 
-def _unlock(kernel, node: int, pfns: np.ndarray) -> None:
-    kernel.locks.unlock(node, pfns)
-
-
-def _restore(kernel, record, src: int, old: np.ndarray, which: np.ndarray) -> None:
-    """Back out step 5 for ``which``: the migration entries point at the old page again."""
-    remove_migration_entries(kernel, record, which, src, old)
-
-
-def _undo_cache_switch(kernel, src: int, dst: int, old: np.ndarray, new: np.ndarray,
-                       which: np.ndarray) -> None:
-    """Back out steps 9-10 for ``which`` (the copy failed)."""
-    told, tnew = kernel.tables[src], kernel.tables[dst]
-    for i in np.flatnonzero(which & (told.mapping[old] != 0)).tolist():
-        obj = kernel.objects.get(int(told.mapping[old[i]]))
-        slot = int(told.index[old[i]])
-        if obj is not None and obj.cache[slot] == cache_entry(dst, new[i:i + 1])[0]:
-            obj.cache[slot] = cache_entry(src, old[i:i + 1])[0]
-            told.refcount[old[i]] += 1
-            tnew.refcount[new[i]] -= 1
-
-
 async def _putback_new(kernel, node: int, pfns: np.ndarray) -> None:
     """Step 20 for the new pages: onto the LRU, and drop the reference migration held."""
     table = kernel.tables[node]
     active = (table.flags[pfns] & PG_ACTIVE) != 0
     table.flags[pfns] |= PG_LRU
-    await kernel.node(node).peer.send(P.Putback(pfns=pfns.astype(P.PFN),
-                                                active=active.astype(P.PROT)))
+    await kernel.post(node, P.Putback(pfns=pfns.astype(P.PFN), active=active.astype(P.PROT)))
     await kernel.put_pages(np.full(len(pfns), node, dtype=np.int16), pfns)
 
 

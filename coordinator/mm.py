@@ -144,6 +144,7 @@ class Task:
     requests: int = 0  # requests received from this task, in order
     last_seen: float = 0.0
     exiting: bool = False
+    pidfd: int | None = None  # a local client's process (coordinator/procwatch.py)
 
     # -- lookups -----------------------------------------------------------
     def find_vma(self, vpn: int) -> Vma | None:

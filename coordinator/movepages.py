@@ -25,13 +25,14 @@ from numaemu.constants import MAX_NUMNODES
 from numaemu.errors import NumaError
 
 from .memory import handle_fault
+from .memory_failure import poisoned
 from .mempolicy import MemPolicy, plan_allocation
 from .migrate import isolate_pages, migrate_pages
 from .mm import Task
 from .pages import PTE_MIGRATION, PTE_PRESENT, PTE_ZERO, pte_node, pte_pfn
 
 
-def _lookup(task: Task, vpns: np.ndarray):
+def _lookup(kernel, task: Task, vpns: np.ndarray):
     """Per vpn: (status, node, pfn, mapcount-shared?) of what the task maps there.
 
     status is 0 for a present page, else -EFAULT (no VMA, zero page), -ENOENT (never
@@ -50,7 +51,9 @@ def _lookup(task: Task, vpns: np.ndarray):
     status[(ptes & PTE_PRESENT) != 0] = 0
     status[ptes == PTE_ZERO] = -errno.EFAULT
     status[(ptes & PTE_MIGRATION) != 0] = -errno.EBUSY
-    return status, pte_node(ptes), pte_pfn(ptes)
+    nodes = pte_node(ptes)
+    status[(status == 0) & poisoned(kernel, nodes)] = -errno.EIO  # its node died
+    return status, nodes, pte_pfn(ptes)
 
 
 def _shared(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarray:
@@ -98,7 +101,7 @@ async def do_pages_move(kernel, caller: Task, task: Task, pages: np.ndarray, nod
         # An invalid node ends the call with ENODEV; earlier batches stay migrated.
         check_target_nodes(kernel, [target])
         async with task.mmap_lock.read():
-            st, pnodes, ppfns = _lookup(task, vpns_all[start:end])
+            st, pnodes, ppfns = _lookup(kernel, task, vpns_all[start:end])
         st = np.where((st == 0) & (pnodes == target), target, st)
         cand = st == 0
         if not move_all:
@@ -128,7 +131,7 @@ async def do_pages_move(kernel, caller: Task, task: Task, pages: np.ndarray, nod
 
 def query_status(kernel, task: Task, vpns: np.ndarray) -> np.ndarray:
     """move_pages query mode: node, -ENOENT (never touched) or -EFAULT per page."""
-    st, nodes, _ = _lookup(task, vpns)
+    st, nodes, _ = _lookup(kernel, task, vpns)
     # A page under migration still answers with its (old) node.
     return np.where((st == 0) | (st == -errno.EBUSY), nodes, st).astype(np.int32)
 

@@ -9,6 +9,7 @@ import numpy as np
 from numaemu import protocol as P
 from numaemu.views import numa_maps_line
 
+from .kernel import NUMASTAT_KEYS
 from .mempolicy import policy_text
 from .pages import (
     PG_ACTIVE,
@@ -58,12 +59,31 @@ async def numa_maps(kernel, task) -> str:
 
 
 async def node_stats(kernel) -> dict[int, dict]:
-    """Every node's counters and free frames, asked of the node processes."""
+    """Every node's counters and free frames, asked of the node processes.
+
+    An offline node (it died) is reported with ``offline: True``, no free frames and the
+    counters it last reported; a node that dies while we ask is reported the same way, so
+    the others' figures still come back in normal time."""
     await kernel.flush_stats()  # batched increments first: same connection, so in order
     nodes = sorted(kernel.nodes)
-    replies = await asyncio.gather(*(kernel.node(n).peer.call(P.NodeStats()) for n in nodes))
-    # Frames on the coordinator's per-node page lists are free, as in the kernel's MemFree.
-    return {n: {"numastat": r["numastat"], "free": r["free"] + len(kernel.pcp[n]),
-                "frames": r["frames"],
-                "active": r["active"], "inactive": r["inactive"]}
-            for n, r in zip(nodes, replies)}
+    live = [n for n in nodes if n not in kernel.offline]
+    replies = await asyncio.gather(*(kernel.node(n).peer.call(P.NodeStats(), timeout=5.0)
+                                     for n in live), return_exceptions=True)
+    out = {}
+    for n, r in zip(live, replies):
+        if isinstance(r, BaseException):
+            if n not in kernel.offline:
+                raise r
+            continue
+        # Frames on the coordinator's per-node page lists are free, as in the kernel's MemFree.
+        out[n] = {"numastat": r["numastat"], "free": r["free"] + len(kernel.pcp[n]),
+                  "frames": r["frames"], "active": r["active"], "inactive": r["inactive"],
+                  "offline": False}
+        kernel.last_stats[n] = r["numastat"]
+    for n in nodes:
+        if n not in out:
+            last = kernel.last_stats.get(n) or dict.fromkeys(NUMASTAT_KEYS, 0)
+            out[n] = {"numastat": dict(last), "free": 0,
+                      "frames": kernel.nodes[n].frames, "active": 0, "inactive": 0,
+                      "offline": True}
+    return out

@@ -31,14 +31,17 @@ from numaemu.errors import ClusterError, NumaError
 from numaemu.protocol import ProtocolError
 from numaemu.topology import Topology
 
+from . import memory_failure, procwatch
 from .kernel import Kernel, NodeInfo
-from .links import Peer
+from .links import Peer, PeerGone, send_bounded
 from .shootdown import client_alive
 from .syscalls import CURRENT_REQUEST, Syscalls, exit_task
 
 log = logging.getLogger("numaemu.coordinator")
 
 NODE_PING = 0.5
+#: A node not heard from for this long is dead (remote nodes; local ones have a pidfd).
+NODE_LEASE = 3.0
 REAP_INTERVAL = 1.0
 #: The flusher writes dirty file pages back this often (and sooner when woken).
 FLUSH_INTERVAL = 5.0
@@ -91,10 +94,13 @@ class Coordinator:
                 sock.bind(self.endpoints[name])
                 socks[name] = sock
             log.info("coordinator listening on %s", self.endpoints["rpc"])
-            loops = [self.serve_rpc(socks["rpc"]), self.serve_tlb(socks["tlb"]),
-                     self.serve_nodes(socks["nodes"]), self.ping_nodes(), self.reap_dead(),
-                     self.flusher()]
-            workers = [asyncio.ensure_future(c) for c in loops]
+            loops = {"serve_rpc": lambda: self.serve(socks["rpc"], self.on_rpc),
+                     "serve_tlb": lambda: self.serve(socks["tlb"], self.on_tlb),
+                     "serve_nodes": lambda: self.serve(socks["nodes"], self.on_node),
+                     "ping_nodes": self.ping_nodes, "reap_dead": self.reap_dead,
+                     "flusher": self.flusher}
+            workers = [asyncio.ensure_future(self.watchdog(name, fn))
+                       for name, fn in loops.items()]
             await self._stop.wait()
             log.info("coordinator stopping (%s)", self._stop_reason or "stop")
             await self.shutdown()
@@ -106,32 +112,63 @@ class Coordinator:
                 sock.close(0)
             ctx.term()
 
+    async def watchdog(self, name: str, loop_fn) -> None:
+        """Run one of the coordinator's loops forever: a loop that dies anyway (a bug the
+        per-message guards missed) is logged loudly and restarted, never left dead."""
+        restarts = 0
+        while True:
+            try:
+                await loop_fn()
+                log.error("loop %s returned; restarting it", name)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                restarts += 1
+                log.exception("loop %s died (restart %d)", name, restarts)
+            await asyncio.sleep(min(1.0, 0.01 * restarts))
+
+    async def serve(self, sock, on_message) -> None:
+        """Receive loop of one ROUTER socket: any message, however malformed, ends in a reply
+        or a logged drop; nothing a peer sends can end the loop."""
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                await on_message(sock, frames)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("a message of %d frames could not be handled; dropped",
+                              len(frames))
+
+    async def reply(self, sock, ident: bytes, raw: bytes) -> None:
+        """Answer a peer; one that vanished or does not read is logged, never fatal."""
+        try:
+            await send_bounded(sock, [ident, raw])
+        except (zmq.ZMQError, PeerGone) as exc:
+            log.info("could not answer a peer: %s", exc)
+
     async def shutdown(self) -> None:
         """Write dirty file pages back (like sync at shutdown), then stop the nodes."""
         from .filemap import writeback
 
+        self.kernel.stopping = True
         for obj in list(self.kernel.files.values()):
             try:
                 await asyncio.wait_for(writeback(self.kernel, obj), 10)
             except Exception as exc:  # best effort: never block the stop
                 log.warning("writeback of %s at stop failed: %s", obj.name, exc)
         for info in list(self.kernel.nodes.values()):
-            try:
-                await info.peer.send(P.Exit())
-            except ClusterError:
-                pass
+            await info.peer.post(P.Exit())
 
     # -- rpc ---------------------------------------------------------------------
-    async def serve_rpc(self, sock) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 2:
-                log.warning("a request of %d frames instead of 1", len(frames) - 1)
-                if len(frames) > 2:  # answer it, or a raw client waits for its timeout
-                    await sock.send_multipart([frames[0], P.error_reply(
-                        None, errno.EINVAL, "malformed message: a request is one frame")])
-                continue
-            self.spawn(self.answer(sock, frames[0], frames[1]))
+    async def on_rpc(self, sock, frames: list) -> None:
+        if len(frames) != 2:
+            log.warning("a request of %d frames instead of 1", len(frames) - 1)
+            if len(frames) > 2:  # answer it, or a raw client waits for its timeout
+                await self.reply(sock, frames[0], P.error_reply(
+                    None, errno.EINVAL, "malformed message: a request is one frame"))
+            return
+        self.spawn(self.answer(sock, frames[0], frames[1]))
 
     async def answer(self, sock, ident: bytes, raw: bytes) -> None:
         obj: dict = {}
@@ -166,92 +203,112 @@ class Coordinator:
         except Exception as exc:  # a handler bug must not kill the coordinator
             log.exception("request %s failed", obj.get("op"))
             reply = P.error_reply(seq, errno.EIO, f"coordinator error: {exc!r}")
-        try:
-            await sock.send_multipart([ident, reply])
-        except zmq.ZMQError as exc:
-            log.info("could not answer %s: %s", obj.get("op"), exc)
+        await self.reply(sock, ident, reply)
 
     # -- tlb -----------------------------------------------------------------------
-    async def serve_tlb(self, sock) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 2:
-                continue
-            ident, raw = frames
-            try:
-                obj = P.unpack(raw)
-                if "re" in obj:
-                    pid = self._tlb_owner.get(ident)
-                    task = self.kernel.tasks.get(pid)
-                    if task is not None and task.tlb is not None:
-                        task.last_seen = time.monotonic()
-                        task.tlb.on_reply(obj)
-                    continue
-                req = P.decode_request(obj)
-                task = self.kernel.tasks.get(getattr(req, "pid", None))
-                if task is None:
-                    await sock.send_multipart([ident, P.error_reply(
-                        obj.get("seq"), errno.ESRCH, "no such task")])
-                    continue
-                task.last_seen = time.monotonic()
+    async def on_tlb(self, sock, frames: list) -> None:
+        if len(frames) != 2:
+            return
+        ident, raw = frames
+        obj: dict = {}
+        try:
+            obj = P.unpack(raw)
+            if "re" in obj:  # an invalidate ack
+                pid = self._tlb_owner.get(ident)
+                task = self.kernel.tasks.get(pid)
+                if task is not None and task.tlb is not None and task.tlb.ident == ident:
+                    task.last_seen = time.monotonic()
+                    task.tlb.on_reply(obj)
+                return
+            req = P.decode_request(obj)
+            if req.op not in ("tlb_hello", "heartbeat"):
+                raise ProtocolError(f"{req.op!r} is not a tlb message")
+            task = self.kernel.tasks.get(req.pid)
+            if task is None or task.exiting:
                 if req.op == "tlb_hello":
-                    task.tlb = Peer(sock, ident, f"task {task.pid}")
-                    self._tlb_owner[ident] = task.pid
-                    await sock.send_multipart([ident, P.ok_reply(obj.get("seq"))])
-            except ProtocolError as exc:
-                log.warning("malformed tlb message: %s", exc)
-            except zmq.ZMQError as exc:
-                log.info("tlb reply failed: %s", exc)
+                    await self.reply(sock, ident, P.error_reply(
+                        obj.get("seq"), errno.ESRCH, "no such task"))
+                return
+            task.last_seen = time.monotonic()
+            if req.op == "tlb_hello":
+                task.tlb = Peer(sock, ident, f"task {task.pid}")
+                self._tlb_owner[ident] = task.pid
+                await self.reply(sock, ident, P.ok_reply(obj.get("seq")))
+        except ProtocolError as exc:
+            log.warning("malformed tlb message: %s", exc)
+            if "re" not in obj and "seq" in obj:
+                await self.reply(sock, ident, P.protocol_error_reply(obj, exc))
 
     # -- nodes ---------------------------------------------------------------------
-    async def serve_nodes(self, sock) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 2:
-                continue
-            ident, raw = frames
-            try:
-                obj = P.unpack(raw)
-                if "re" in obj:
-                    node = self._node_by_ident.get(ident)
-                    if node is not None and node in self.kernel.nodes:
-                        self.kernel.nodes[node].peer.on_reply(obj)
-                    continue
-                req = P.decode_request(obj)
-                if req.op != "register":
-                    raise ProtocolError(f"nodes may only register, not {req.op!r}")
-                reply = self.register(sock, ident, req, obj.get("seq"))
-                await sock.send_multipart([ident, reply])
-            except ProtocolError as exc:
-                log.warning("malformed node message: %s", exc)
-                await sock.send_multipart([ident, P.protocol_error_reply(obj, exc)])
+    async def on_node(self, sock, frames: list) -> None:
+        if len(frames) != 2:
+            return
+        ident, raw = frames
+        obj: dict = {}
+        try:
+            obj = P.unpack(raw)
+            node = self._node_by_ident.get(ident)
+            info = self.kernel.nodes.get(node) if node is not None else None
+            if info is not None and info.peer.ident == ident:
+                info.last_heard = time.monotonic()
+            if "re" in obj:
+                if info is not None and info.peer.ident == ident:
+                    info.peer.on_reply(obj)
+                return
+            req = P.decode_request(obj)
+            if req.op != "register":
+                raise ProtocolError(f"nodes may only register, not {req.op!r}")
+            await self.reply(sock, ident, self.register(sock, ident, req, obj.get("seq")))
+        except ProtocolError as exc:
+            log.warning("malformed node message: %s", exc)
+            await self.reply(sock, ident, P.protocol_error_reply(obj, exc))
 
     def register(self, sock, ident: bytes, req: P.Register, seq) -> bytes:
         topo = self.kernel.topology
         if req.node not in topo.nodes:
             return P.error_reply(seq, errno.ENODEV, f"node {req.node} is not in the topology")
-        if req.node in self.kernel.nodes and not self.kernel.nodes[req.node].peer.gone:
+        if req.node in self.kernel.offline:
+            # Its frames are poisoned and still named by page tables: a fresh node under the
+            # same number would serve other memory at those addresses.
+            return P.error_reply(seq, errno.EBUSY, f"node {req.node} failed and is offline; "
+                                                   "restart the cluster to bring it back")
+        if req.node in self.kernel.nodes:
             return P.error_reply(seq, errno.EEXIST, f"node {req.node} is already registered")
         if req.frames != topo.frames_per_node[req.node] or req.page_size != topo.page_size:
             return P.error_reply(seq, errno.EINVAL,
                                  f"node {req.node} must have {topo.frames_per_node[req.node]} "
                                  f"frames of {topo.page_size} bytes")
-        peer = Peer(sock, ident, f"node {req.node}")
-        self.kernel.nodes[req.node] = NodeInfo(req.node, peer, req.path, req.frames, req.host,
-                                               req.os_pid, req.data_endpoint)
-        self._node_by_ident[ident] = req.node
+        node = req.node
+        peer = Peer(sock, ident, f"node {node}",
+                    on_fail=lambda _peer, reason: memory_failure.node_offline(
+                        self.kernel, node, reason))
+        info = NodeInfo(node, peer, req.path, req.frames, req.host, req.os_pid,
+                        req.data_endpoint, last_heard=time.monotonic())
+        if req.host == self.kernel.host:
+            # The process sentinel: a local node's death is noticed at once, not after a lease.
+            info.pidfd = procwatch.pidfd_open(req.os_pid)
+            if info.pidfd is None:
+                return P.error_reply(seq, errno.ESRCH, f"no local process {req.os_pid}")
+            procwatch.watch(info.pidfd, lambda: peer.fail(f"node {node}'s process exited"))
+        self.kernel.nodes[node] = info
+        self._node_by_ident[ident] = node
         log.info("node %d registered (pid %d on %s)", req.node, req.os_pid, req.host)
         return P.ok_reply(seq)
 
     async def ping_nodes(self) -> None:
+        """Heartbeats: every node hears from us at least every ``NODE_PING`` s (it exits after
+        5 s of silence) and answers each ping; a node not heard from for ``NODE_LEASE`` s is
+        declared dead (a local node's death is seen at once through its pidfd)."""
         while True:
             await self.kernel.flush_stats()
+            now = time.monotonic()
             for info in list(self.kernel.nodes.values()):
-                if not info.peer.gone:
-                    try:
-                        await info.peer.send(P.Ping())
-                    except ClusterError:
-                        log.error("node %d is unreachable", info.node)
+                if info.peer.gone:
+                    continue
+                if now - info.last_heard > NODE_LEASE:
+                    info.peer.fail(f"node {info.node} silent for {now - info.last_heard:.1f} s")
+                    continue
+                await info.peer.post(P.Ping())
             await asyncio.sleep(NODE_PING)
 
     async def flusher(self) -> None:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 
 import numpy as np
 
 from numaemu import protocol as P
 
+from . import procwatch
 from .links import PeerGone
 
 log = logging.getLogger("numaemu.coordinator")
@@ -34,6 +33,8 @@ log = logging.getLogger("numaemu.coordinator")
 ACK_SLICE = 0.25
 #: A client that misses heartbeats for this long is considered dead.
 LEASE = 10.0
+#: How long a fenced (SIGKILLed) client may take to be gone.
+FENCE_WAIT = 5.0
 
 
 async def flush_tlb(kernel, targets: dict, *, write_only: bool = False) -> None:
@@ -66,11 +67,11 @@ async def _invalidate(kernel, task, peer, vpns: np.ndarray, write_only: bool) ->
     try:
         if peer.gone:
             raise PeerGone(f"task {task.pid} exited during a TLB shootdown")
-        seq = next(peer._seq)
+        seq = peer.next_seq()
         fut = asyncio.get_running_loop().create_future()
         peer.pending[seq] = fut
         try:
-            await peer.send(req, seq)
+            await peer._send(req, seq)
             sent = time.monotonic()
             while True:
                 try:
@@ -80,9 +81,9 @@ async def _invalidate(kernel, task, peer, vpns: np.ndarray, write_only: bool) ->
                     if not client_alive(kernel, task):
                         raise PeerGone(f"task {task.pid} died during a TLB shootdown") from None
                     if time.monotonic() - sent > LEASE:
-                        fence(kernel, task)
+                        await fence(kernel, task)
                         raise PeerGone(f"task {task.pid} did not ack a shootdown in {LEASE} s "
-                                       "and was killed") from None
+                                       "and was fenced") from None
                     log.debug("task %d slow to ack a shootdown of %d pages", task.pid, len(vpns))
         finally:
             peer.pending.pop(seq, None)
@@ -95,30 +96,32 @@ async def _invalidate(kernel, task, peer, vpns: np.ndarray, write_only: bool) ->
 def client_alive(kernel, task) -> bool:
     """Whether a client may still touch memory through its translations.
 
-    A local client is alive while its process exists, whatever its heartbeats say: a
-    stopped process (Ctrl-Z, a debugger) or one stuck in a long C call still holds its
-    translations, and reaping it would hand its frames to others under its feet.  A client
-    on another host cannot map frames at all, so its lease decides.
+    A local client is alive while its process exists (its pidfd says so, zombies count as
+    dead), whatever its heartbeats say: a stopped process (Ctrl-Z, a debugger) or one stuck
+    in a long C call still holds its translations, and reaping it would hand its frames to
+    others under its feet.  A client on another host cannot map frames at all, so its lease
+    decides.
     """
     if task.exiting:
         return False
+    if task.pidfd is not None:
+        return not procwatch.exited(task.pidfd)
     if task.host == kernel.host:
-        return kernel.node_alive(task.os_pid, task.host)
+        return False  # local, but its process could not be watched: it was gone at attach
     return time.monotonic() - task.last_seen < LEASE
 
 
-def fence(kernel, task) -> None:
+async def fence(kernel, task) -> None:
     """Make sure a client that will not ack can never touch memory again: kill it (STONITH).
 
-    Only a shootdown that must go on needs this; the process keeps its frames mapped
-    until it is gone, so it is killed before anything it maps is reused."""
+    Only a shootdown that must go on needs this; the process keeps its frames mapped until
+    it is gone, so it is killed (through its pidfd: never an unrelated process that reused
+    the pid) and awaited, without blocking the loop, before anything it maps is reused.
+    A client on another host cannot map frames, so its lease alone fences it."""
     log.error("task %d (os pid %d) has not acknowledged a TLB shootdown for %.0f s; killing "
               "it so that migration can go on safely", task.pid, task.os_pid, LEASE)
-    if task.host == kernel.host:
-        try:
-            os.kill(task.os_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 5  # signals are asynchronous: see it gone
-        while kernel.node_alive(task.os_pid, task.host) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    if task.pidfd is None:
+        return
+    if not await procwatch.kill_and_wait(task.pidfd, FENCE_WAIT):
+        log.error("task %d (os pid %d) is still there %.0f s after SIGKILL", task.pid,
+                  task.os_pid, FENCE_WAIT)

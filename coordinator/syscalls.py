@@ -19,7 +19,7 @@ from numaemu import protocol as P
 from numaemu.constants import MAX_NUMNODES, MPOL_MODE_FLAGS, GetFlag, Mode, MoveFlag
 from numaemu.errors import NumaError
 
-from . import filemap, movepages, procfs
+from . import filemap, movepages, procfs, procwatch
 from .memory import handle_fault, zap_vma
 from .mempolicy import (
     check_mbind_flags,
@@ -86,7 +86,9 @@ class Syscalls:
             "endpoints": self.server.endpoints,
             "log_endpoint": self.server.endpoints.get("log", ""),
             "segments": [{"node": n.node, "path": n.path, "frames": n.frames, "host": n.host,
-                          "data_endpoint": n.data_endpoint} for n in k.nodes.values()],
+                          "data_endpoint": n.data_endpoint} for n in k.nodes.values()
+                         if n.node not in k.offline],
+            "offline": sorted(k.offline),
             "supervisor_pid": self.server.supervisor_pid,
             "inject_dilation": self.server.inject_dilation,
         }
@@ -102,6 +104,10 @@ class Syscalls:
                     privileged=req.privileged, command=req.command or f"task{pid}", cpu=cpu,
                     cpus_allowed=tuple(topo.cpus), next_vpn=MMAP_BASE // k.page_size,
                     last_seen=time.monotonic())
+        if req.host == k.host:
+            task.pidfd = procwatch.pidfd_open(req.os_pid)
+            if task.pidfd is None:
+                raise NumaError(errno.ESRCH, f"no local process {req.os_pid}")
         k.tasks[pid] = task
         log.info("task %d attached (os pid %d on %s, cpu %d%s)", pid, req.os_pid, req.host, cpu,
                  ", privileged" if req.privileged else "")
@@ -315,6 +321,12 @@ class Syscalls:
 
     async def inject_fault(self, req: P.InjectFault) -> dict:
         self.k.task(req.pid)
+        step = req.request.removeprefix("migrate_step_")
+        if step != req.request:  # the coordinator's own: the migration engine's steps
+            if not step.isdigit() or not 1 <= int(step) <= 20 or not 0 <= req.count <= 1 << 20:
+                raise NumaError(errno.EINVAL, f"no migration step {step!r} (1..20)")
+            self.k.inject_steps[int(step)] = req.count
+            return {}
         await self.k.node(req.node).peer.call(P.Inject(request=req.request, count=req.count,
                                                            delay=req.delay))
         return {}
@@ -458,4 +470,6 @@ async def exit_task(k, task: Task) -> None:
                 await unmap_range(k, task, vma.start, vma.end)
     finally:
         k.tasks.pop(task.pid, None)
+        procwatch.close(task.pidfd)
+        task.pidfd = None
         log.info("task %d exited", task.pid)

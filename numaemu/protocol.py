@@ -60,6 +60,9 @@ StatusArray = Array(STATUS)
 ProtArray = Array(PROT)
 
 REQUESTS: dict[str, type] = {}
+#: Fire-and-forget messages (``Peer.post``): the sender does not wait for a reply, and a send
+#: that fails fails the peer instead of raising (coordinator/links.py).
+POSTED = frozenset({"free", "account", "isolate", "putback", "ping", "exit", "heartbeat"})
 
 
 def request(op: str):
