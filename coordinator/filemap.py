@@ -25,6 +25,7 @@ import numpy as np
 from numaemu import protocol as P
 from numaemu.errors import NumaError
 
+from .memory_failure import poisoned
 from .mempolicy import MemPolicy
 from .pages import PG_DIRTY, PG_WRITEBACK, PTE_PRESENT, PTE_WRITE, make_ptes, pte_node, pte_pfn
 
@@ -132,19 +133,42 @@ async def fill_from_file(kernel, obj: SharedObject, idx: np.ndarray, nodes: np.n
                          pfns: np.ndarray) -> None:
     """Read file pages ``idx`` into fresh frames (the readpage of a file fault)."""
     ps = kernel.page_size
-    data = bytearray(len(idx) * ps)
-    try:
-        with open(obj.name, "rb") as f:
-            for i, index in enumerate(idx.tolist()):
-                chunk = os.pread(f.fileno(), ps, index * ps)
-                data[i * ps : i * ps + len(chunk)] = chunk
-    except OSError as exc:
-        raise NumaError(errno.EIO, f"reading {obj.name}: {exc}") from None
+    # File I/O never runs in the event loop (a slow disk must not stall the coordinator).
+    data = await asyncio.to_thread(_read_file_pages, obj.name, idx.tolist(), ps)
     view = memoryview(data)
     for n in np.unique(nodes).tolist():
         sel = np.flatnonzero(nodes == n)
         chunk = b"".join(view[i * ps : (i + 1) * ps] for i in sel.tolist())
         await kernel.node(n).peer.call(P.WriteFrames(pfns=pfns[sel].astype(P.PFN), data=chunk))
+
+
+def _read_file_pages(path: str, indices: list[int], ps: int) -> bytearray:
+    """Read pages ``indices`` of a file (zeros past its end); runs in a worker thread."""
+    data = bytearray(len(indices) * ps)
+    try:
+        with open(path, "rb") as f:
+            for i, index in enumerate(indices):
+                chunk = os.pread(f.fileno(), ps, index * ps)
+                data[i * ps : i * ps + len(chunk)] = chunk
+    except OSError as exc:
+        raise NumaError(errno.EIO, f"reading {path}: {exc}") from None
+    return data
+
+
+def _write_file_pages(path: str, pages: list[tuple[int, bytes]]) -> None:
+    """pwrite each (offset, bytes) of a file, then fsync it; runs in a worker thread."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as exc:
+        raise NumaError(errno.EIO, f"writing back {path}: {exc}") from None
+    try:
+        for offset, chunk in pages:
+            os.pwrite(fd, chunk, offset)
+        os.fsync(fd)
+    except OSError as exc:
+        raise NumaError(errno.EIO, f"writing back {path}: {exc}") from None
+    finally:
+        os.close(fd)
 
 
 def mappers(kernel, obj: SharedObject):
@@ -174,6 +198,8 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
         keep = entries != 0
         indices, entries = indices[keep], entries[keep]
         nodes, pfns = pte_node(entries), pte_pfn(entries)
+        live = ~poisoned(kernel, nodes)  # a dead node's pages are lost: nothing to write
+        indices, entries, nodes, pfns = indices[live], entries[live], nodes[live], pfns[live]
         dirty = np.zeros(len(indices), dtype=bool)
         for n in np.unique(nodes).tolist():
             sel = nodes == n
@@ -257,19 +283,13 @@ async def _write_pages(kernel, obj, indices, nodes, pfns) -> None:
         data = reply["data"]
         for j, i in enumerate(sel.tolist()):
             contents[i] = data[j * ps : (j + 1) * ps]
-    try:
-        fd = os.open(obj.name, os.O_WRONLY)
-    except OSError as exc:
-        raise NumaError(errno.EIO, f"writing back {obj.name}: {exc}") from None
-    try:
-        for i, index in enumerate(indices.tolist()):
-            offset = index * ps
-            size = min(ps, obj.size - offset)  # never extend the file
-            if size > 0:
-                os.pwrite(fd, contents[i][:size], offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    pages = []
+    for i, index in enumerate(indices.tolist()):
+        offset = index * ps
+        size = min(ps, obj.size - offset)  # never extend the file
+        if size > 0:
+            pages.append((offset, contents[i][:size]))
+    await asyncio.to_thread(_write_file_pages, obj.name, pages)
 
 
 def trylock_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarray:

@@ -81,6 +81,8 @@ class Kernel:
         self.last_stats: dict[int, dict] = {}  # numastat each node last reported
         self.inject_steps: dict[int, int] = {}  # migration step -> failures to inject
         self.stopping = False  # the cluster is shutting down: nodes leaving is expected
+        self.loop_stall_max = 0.0  # worst event-loop stall seen, seconds (server.stall_monitor)
+        self.loop_restarts = 0  # receive loops the watchdog had to restart
         self.tasks: dict[int, object] = {}
         self.objects: dict[int, object] = {}  # id -> SharedObject
         self.shm_names: dict[str, object] = {}

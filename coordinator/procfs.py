@@ -62,28 +62,30 @@ async def node_stats(kernel) -> dict[int, dict]:
     """Every node's counters and free frames, asked of the node processes.
 
     An offline node (it died) is reported with ``offline: True``, no free frames and the
-    counters it last reported; a node that dies while we ask is reported the same way, so
-    the others' figures still come back in normal time."""
+    counters it last reported; a node that does not answer within a second (it is dying,
+    or hung until its lease runs out) with ``responding: False`` and the same stale
+    figures, so the others' still come back in normal time."""
     await kernel.flush_stats()  # batched increments first: same connection, so in order
     nodes = sorted(kernel.nodes)
     live = [n for n in nodes if n not in kernel.offline]
-    replies = await asyncio.gather(*(kernel.node(n).peer.call(P.NodeStats(), timeout=5.0)
+    replies = await asyncio.gather(*(kernel.node(n).peer.call(P.NodeStats(), timeout=1.0)
                                      for n in live), return_exceptions=True)
     out = {}
     for n, r in zip(live, replies):
+        if isinstance(r, asyncio.CancelledError):
+            raise r
         if isinstance(r, BaseException):
-            if n not in kernel.offline:
-                raise r
-            continue
+            continue  # died meanwhile, or hung (its lease will tell): last known figures
         # Frames on the coordinator's per-node page lists are free, as in the kernel's MemFree.
         out[n] = {"numastat": r["numastat"], "free": r["free"] + len(kernel.pcp[n]),
                   "frames": r["frames"], "active": r["active"], "inactive": r["inactive"],
-                  "offline": False}
+                  "offline": False, "responding": True}
         kernel.last_stats[n] = r["numastat"]
     for n in nodes:
         if n not in out:
             last = kernel.last_stats.get(n) or dict.fromkeys(NUMASTAT_KEYS, 0)
-            out[n] = {"numastat": dict(last), "free": 0,
+            offline = n in kernel.offline
+            out[n] = {"numastat": dict(last), "free": 0 if offline else int(kernel.free[n]),
                       "frames": kernel.nodes[n].frames, "active": 0, "inactive": 0,
-                      "offline": True}
+                      "offline": offline, "responding": False}
     return out

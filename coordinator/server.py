@@ -39,10 +39,14 @@ from .syscalls import CURRENT_REQUEST, Syscalls, exit_task
 
 log = logging.getLogger("numaemu.coordinator")
 
-NODE_PING = 0.5
-#: A node not heard from for this long is dead (remote nodes; local ones have a pidfd).
-NODE_LEASE = 3.0
+NODE_PING = 0.25
+#: A node on another host not heard from for this long is dead.  A local node's death is
+#: seen at once through its pidfd; its lease only catches a hung process, and is longer.
+NODE_LEASE = 1.5
+LOCAL_NODE_LEASE = 5.0
 REAP_INTERVAL = 1.0
+#: Period of the loop-stall monitor.
+STALL_TICK = 0.01
 #: The flusher writes dirty file pages back this often (and sooner when woken).
 FLUSH_INTERVAL = 5.0
 
@@ -98,7 +102,7 @@ class Coordinator:
                      "serve_tlb": lambda: self.serve(socks["tlb"], self.on_tlb),
                      "serve_nodes": lambda: self.serve(socks["nodes"], self.on_node),
                      "ping_nodes": self.ping_nodes, "reap_dead": self.reap_dead,
-                     "flusher": self.flusher}
+                     "flusher": self.flusher, "stall_monitor": self.stall_monitor}
             workers = [asyncio.ensure_future(self.watchdog(name, fn))
                        for name, fn in loops.items()]
             await self._stop.wait()
@@ -124,8 +128,22 @@ class Coordinator:
                 raise
             except BaseException:
                 restarts += 1
+                self.kernel.loop_restarts += 1
                 log.exception("loop %s died (restart %d)", name, restarts)
             await asyncio.sleep(min(1.0, 0.01 * restarts))
+
+    async def stall_monitor(self) -> None:
+        """Measure how late the loop wakes up: the worst stall any request caused (no request
+        may hold the loop for more than ~50 ms; ``Cluster.coordinator_stats()`` reports it)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(STALL_TICK)
+            late = loop.time() - before - STALL_TICK
+            if late > self.kernel.loop_stall_max:
+                self.kernel.loop_stall_max = late
+                if late > 0.05:
+                    log.warning("the event loop stalled for %.0f ms", late * 1000)
 
     async def serve(self, sock, on_message) -> None:
         """Receive loop of one ROUTER socket: any message, however malformed, ends in a reply
@@ -305,8 +323,11 @@ class Coordinator:
             for info in list(self.kernel.nodes.values()):
                 if info.peer.gone:
                     continue
-                if now - info.last_heard > NODE_LEASE:
+                lease = NODE_LEASE if info.pidfd is None else LOCAL_NODE_LEASE
+                if now - info.last_heard > lease:
                     info.peer.fail(f"node {info.node} silent for {now - info.last_heard:.1f} s")
+                    if info.pidfd is not None:  # a hung local node: fence it (STONITH)
+                        self.spawn(procwatch.kill_and_wait(info.pidfd, 5.0))
                     continue
                 await info.peer.post(P.Ping())
             await asyncio.sleep(NODE_PING)

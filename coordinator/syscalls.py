@@ -7,6 +7,7 @@ request dataclass (see ``numaemu.protocol``) and return the reply fields.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
 import logging
@@ -16,7 +17,14 @@ from contextlib import asynccontextmanager
 import numpy as np
 
 from numaemu import protocol as P
-from numaemu.constants import MAX_NUMNODES, MPOL_MODE_FLAGS, GetFlag, Mode, MoveFlag
+from numaemu.constants import (
+    MAX_NUMNODES,
+    MAX_REQUEST_PAGES,
+    MPOL_MODE_FLAGS,
+    GetFlag,
+    Mode,
+    MoveFlag,
+)
 from numaemu.errors import NumaError
 
 from . import filemap, movepages, procfs, procwatch
@@ -156,7 +164,11 @@ class Syscalls:
             if obj is not None and obj.kind == "file":
                 end = min(end, start + -(-obj.size // k.page_size))
             try:
-                await handle_fault(k, task, np.arange(start, end), obj is None)
+                # In slices, yielding between them: a huge MAP_POPULATE must not hold the loop.
+                for lo in range(start, end, MAX_REQUEST_PAGES):
+                    await handle_fault(k, task, np.arange(lo, min(end, lo + MAX_REQUEST_PAGES)),
+                                       obj is None)
+                    await asyncio.sleep(0)
             except NumaError as exc:
                 log.info("task %d: populating %d pages failed: %s", task.pid, end - start, exc)
         return {"addr": start * k.page_size, "length": npages * k.page_size}
@@ -173,6 +185,7 @@ class Syscalls:
 
     async def fault(self, req: P.Fault) -> dict:
         task = self.k.task(req.pid)
+        _check_request_pages(len(req.vpns))
         vpns, nodes, pfns, prot, waits = await handle_fault(self.k, task, req.vpns, req.write)
         return {"vpns": vpns.astype(P.VPN), "nodes": nodes, "pfns": pfns, "prot": prot,
                 "waits": waits}
@@ -276,6 +289,9 @@ class Syscalls:
             raise NumaError(errno.EINVAL, "move_pages accepts only MPOL_MF_MOVE and MOVE_ALL")
         if req.flags & MoveFlag.MOVE_ALL and not caller.privileged:
             raise NumaError(errno.EPERM, "MPOL_MF_MOVE_ALL needs CAP_SYS_NICE (privileged=True)")
+        _check_request_pages(len(req.pages))
+        if isinstance(req.nodes, (list, tuple)):
+            _check_request_pages(len(req.nodes))
         task = caller if req.target in (None, 0) else k.task(req.target)
         check_access(caller, task)
         if req.nodes is None:
@@ -301,7 +317,8 @@ class Syscalls:
         new = [n for n in new if n in k.node_set]  # nodes without memory are dropped
         if not new:
             raise NumaError(errno.EINVAL, "new_nodes holds no node with memory")
-        old = [n for n in old if n in k.node_set]
+        # A failed node is still a source: its pages fail with -EIO (memory_failure.py).
+        old = [n for n in old if n in k.node_set or n in k.offline]
         async with self_flushed(caller if task is caller and req.flushed else None, True):
             not_migrated = await movepages.do_migrate_pages(k, caller, task, old, new,
                                                             caller.privileged)
@@ -313,6 +330,9 @@ class Syscalls:
         start, end = check_range(k.page_size, req.addr, req.length)
         if end == start:
             raise NumaError(errno.EINVAL, "nothing to pin")
+        if end - start > MAX_REQUEST_PAGES:
+            raise NumaError(errno.ENOMEM, f"cannot pin more than {MAX_REQUEST_PAGES} pages "
+                                          "at once")
         return {"pin": await movepages.pin_pages(k, task, start, end)}
 
     async def unpin(self, req: P.Unpin) -> dict:
@@ -378,7 +398,10 @@ class Syscalls:
         stats = await procfs.node_stats(self.k)
         vmstat = {"pgmigrate_success": self.k.vmstat.pgmigrate_success,
                   "pgmigrate_fail": self.k.vmstat.pgmigrate_fail}
-        return {"nodes": {str(n): s for n, s in stats.items()}, "vmstat": vmstat}
+        loop = {"loop_stall_max_ms": round(self.k.loop_stall_max * 1000, 3),
+                "loop_restarts": self.k.loop_restarts, "offline_nodes": sorted(self.k.offline)}
+        return {"nodes": {str(n): s for n, s in stats.items()}, "vmstat": vmstat,
+                "coordinator": loop}
 
     async def node_free_map(self, req: P.NodeFreeMap) -> dict:
         self.k.task(req.pid)
@@ -425,6 +448,12 @@ async def self_flushed(task: Task | None, vpns):
         yield
     finally:
         task.self_flushed = None
+
+
+def _check_request_pages(count: int) -> None:
+    if count > MAX_REQUEST_PAGES:
+        raise NumaError(errno.EINVAL, f"{count} pages in one request (at most "
+                                      f"{MAX_REQUEST_PAGES}; the client library splits calls)")
 
 
 def _node_list(nodes) -> list[int]:

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +36,9 @@ log = logging.getLogger("numaemu.node")
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 5.0
+#: How long a copy waits for another host's node to send frames (the loop is blocked
+#: meanwhile, so this stays well under the coordinator's node lease).
+FETCH_TIMEOUT = 1.0
 
 NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "local_node",
                  "other_node")
@@ -203,6 +207,9 @@ class Node:
         src = self._source(req)
         dst = self.frames
         s, d = req.src_pfns.astype(np.int64), req.dst_pfns.astype(np.int64)
+        if src is None and req.src_endpoint.startswith("ipc://"):
+            # Same host, and the segment is gone: the source node died.
+            raise _Errno(errno.EIO, f"node {req.src_node}'s memory is gone")
         if src is None:  # another host: fetch the contents from the source's data service
             dst[d] = np.frombuffer(self._fetch(req), dtype=np.uint8).reshape(len(d), -1)
             return {}
@@ -234,7 +241,7 @@ class Node:
         try:
             sock.connect(req.src_endpoint)
             sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns), 1))
-            if not sock.poll(30000):
+            if not sock.poll(FETCH_TIMEOUT * 1000):
                 raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
             reply = P.unpack(sock.recv())
         finally:
@@ -269,6 +276,15 @@ class Node:
             "inactive": int(np.count_nonzero(self.lru == LRU_INACTIVE)),
         }
 
+    def delay_for(self, op: str | None) -> float:
+        """How late to serve the next ``op`` request (injected delays; consumes one)."""
+        if op not in self.delayed:
+            return 0.0
+        count, delay = self.delayed.pop(op)
+        if count > 1:
+            self.delayed[op] = (count - 1, delay)
+        return delay
+
     def handle(self, raw: bytes) -> bytes | None:
         """Answer one request; a malformed one gets an error reply, never an exception."""
         obj: dict = {}
@@ -283,11 +299,6 @@ class Node:
             if self.injected.get(req.op):
                 self.injected[req.op] -= 1
                 raise _Errno(errno.EIO, f"injected failure of {req.op}")
-            if req.op in self.delayed:
-                count, delay = self.delayed.pop(req.op)
-                if count > 1:
-                    self.delayed[req.op] = (count - 1, delay)
-                time.sleep(delay)
             return P.ok_reply(obj.get("seq"), **handler(req))
         except _Errno as exc:
             return P.error_reply(obj.get("seq"), exc.errno, exc.strerror)
@@ -335,16 +346,37 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str) -> 
         poller.register(ctrl, zmq.POLLIN)
         poller.register(data, zmq.POLLIN)
         last_heard = time.monotonic()
+        # Requests from the coordinator are served in order; an injected delay holds the
+        # queue (``held``) without blocking the loop, so pings are still answered: a slow
+        # node is not a dead one.
+        held: deque[list] = deque()  # [raw, op, delay already taken]
+        hold_until = 0.0
         while not stop:
-            events = dict(poller.poll(HEARTBEAT_INTERVAL * 1000))
+            wait = HEARTBEAT_INTERVAL
+            if held:
+                wait = max(0.0, min(wait, hold_until - time.monotonic()))
+            events = dict(poller.poll(wait * 1000))
             if ctrl in events:
                 raw = ctrl.recv()
                 last_heard = time.monotonic()
-                obj = _peek_op(raw)
-                if obj == "exit":
+                op = _peek_op(raw)
+                if op == "exit":
                     stop.append("exit request")
                     break
-                out = state.handle(raw)
+                if op == "ping":
+                    ctrl.send(P.ok_reply(0))
+                else:
+                    held.append([raw, op, False])
+            while held and time.monotonic() >= hold_until:
+                entry = held[0]
+                if not entry[2]:
+                    entry[2] = True
+                    delay = state.delay_for(entry[1])
+                    if delay:
+                        hold_until = time.monotonic() + delay
+                        break
+                held.popleft()
+                out = state.handle(entry[0])
                 if out is not None:
                     ctrl.send(out)
             if data in events:

@@ -147,7 +147,8 @@ def cmd_hardware(args) -> int:
     info = _call(args, "info")
     stats = _call(args, "numastat")["nodes"]
     topo = Topology.from_dict(info["topology"])
-    print(hardware_text(topo, [stats[str(n)]["free"] for n in topo.nodes]), end="")
+    offline = [n for n in topo.nodes if stats[str(n)].get("offline")]
+    print(hardware_text(topo, [stats[str(n)]["free"] for n in topo.nodes], offline), end="")
     return 0
 
 

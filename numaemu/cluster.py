@@ -205,7 +205,19 @@ class Cluster:
 
         nodes = self._call("numastat")["nodes"]
         free = [nodes[str(n)]["free"] for n in self.topology.nodes]
-        return hardware_text(self.topology, free)
+        offline = [n for n in self.topology.nodes if nodes[str(n)].get("offline")]
+        return hardware_text(self.topology, free, offline)
+
+    def coordinator_stats(self) -> dict:
+        """The coordinator's own health: ``loop_stall_max_ms`` (the longest its event loop
+        was held by one piece of work), ``loop_restarts`` (receive loops restarted by its
+        watchdog), ``offline_nodes``."""
+        return dict(self._call("numastat")["coordinator"])
+
+    def offline_nodes(self) -> list[int]:
+        """Nodes that failed (their process died or fell silent): their pages are poisoned."""
+        nodes = self._call("numastat")["nodes"]
+        return sorted(int(n) for n, s in nodes.items() if s.get("offline"))
 
     def numastat(self) -> dict[int, dict[str, int]]:
         """Per-node numastat counters."""

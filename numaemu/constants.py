@@ -7,6 +7,10 @@ from enum import IntEnum, IntFlag
 PAGE_SIZE = 4096
 #: Highest node number + 1 that a nodemask may name (the kernel's MAX_NUMNODES).
 MAX_NUMNODES = 1024
+#: Pages one fault or move_pages request may carry.  The client library splits bigger
+#: calls (as the kernel's move_pages works in chunks); the coordinator refuses bigger
+#: requests with EINVAL, so that no request can hold its event loop for long.
+MAX_REQUEST_PAGES = 1 << 16
 
 
 class Mode(IntEnum):

@@ -39,7 +39,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
-from .constants import MoveFlag
+from .constants import MAX_REQUEST_PAGES, MoveFlag
 from .errors import ClusterError, NumaError
 from .latency import MIGRATION_WAIT_NS, LatencyModel, Pacer
 from .topology import Topology
@@ -313,8 +313,7 @@ class Task:
                 if out is not None:
                     cost = self._account(i0, i1, off, end)
                     break
-                missing = [i0 + k for k, e in enumerate(ents) if e is None]
-                missing += range(i0 + len(ents), i1)
+                missing = _missing(ents, i0, i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=False)
@@ -351,8 +350,7 @@ class Task:
                         ents[-1][:end] = src[pos:]
                     cost = self._account(i0, i1, off, end)
                     break
-                missing = [i0 + k for k, e in enumerate(ents) if e is None]
-                missing += range(i0 + len(ents), i1)
+                missing = _missing(ents, i0, i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=True)
@@ -537,17 +535,30 @@ class Task:
             if len(node_list) != len(addrs):
                 raise NumaError(errno.EINVAL, "nodes must give one node per page")
         mine = pid is None or pid == self.pid
-        with self._req_lock:
-            if mine and node_list is not None:
-                # The local TLB flush: drop our own translations of these pages now, so the
-                # migration need not wait for our shootdown thread (we send nothing else
-                # until the reply, so nothing can bring them back meanwhile).
-                self._drop_vpns(arr // self.page_size)
-            reply = self._call("move_pages", target=pid, pages=arr.astype(P.VPN),
-                               nodes=node_list, flags=_int_arg("flags", flags),
-                               flushed=mine and node_list is not None)
-        return MoveResult(np.frombuffer(reply["status"], dtype=P.STATUS).tolist(),
-                          reply.get("not_migrated", 0))
+        flags = _int_arg("flags", flags)
+        statuses: list[int] = []
+        not_migrated = 0
+        step = MAX_REQUEST_PAGES  # a request's worth at a time, as the kernel works in chunks
+        for lo in range(0, max(len(arr), 1), step):
+            chunk = arr[lo : lo + step]
+            nodes_chunk = None if node_list is None else node_list[lo : lo + step]
+            if not_migrated:  # an earlier chunk failed: the call stops; report the rest as is
+                nodes_chunk = None
+            with self._req_lock:
+                if mine and nodes_chunk is not None:
+                    # The local TLB flush: drop our own translations of these pages now, so
+                    # the migration need not wait for our shootdown thread (we send nothing
+                    # else until the reply, so nothing can bring them back meanwhile).
+                    self._drop_vpns(chunk // self.page_size)
+                reply = self._call("move_pages", target=pid, pages=chunk.astype(P.VPN),
+                                   nodes=nodes_chunk, flags=flags,
+                                   flushed=mine and nodes_chunk is not None)
+            statuses += np.frombuffer(reply["status"], dtype=P.STATUS).tolist()
+            if nodes_chunk is None and node_list is not None:
+                not_migrated += len(chunk)
+            else:
+                not_migrated += reply.get("not_migrated", 0)
+        return MoveResult(statuses, not_migrated)
 
     def migrate_pages(self, pid: int | None, old_nodes: Iterable[int],
                       new_nodes: Iterable[int]) -> int:
@@ -747,6 +758,17 @@ class _Shootdown(threading.Thread):
             pass
         finally:
             sock.close(0)
+
+
+def _missing(ents: list, i0: int, i1: int) -> list[int]:
+    """TLB indices of ``[i0, i1)`` with no translation (``ents`` is the TLB's slice), at most
+    one request's worth: a huge access faults in slices, and an access far past a mapping
+    fails at its first unmapped page without listing the rest."""
+    cap = MAX_REQUEST_PAGES
+    out = [i0 + k for k, e in enumerate(ents) if e is None][:cap]
+    start = i0 + len(ents)
+    out += range(start, min(i1, start + cap - len(out)))
+    return out
 
 
 def _check_int(name: str, value: Any) -> None:

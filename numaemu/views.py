@@ -48,8 +48,12 @@ _PATH_ESCAPES = "\n\t= "
 _NODE_COUNT = re.compile(r"N([0-9]+)=([0-9]+)")
 
 
-def hardware_text(topology: Topology, free_frames: Sequence[int]) -> str:
-    """``numactl --hardware`` for ``topology`` with ``free_frames[n]`` free frames on node n."""
+def hardware_text(topology: Topology, free_frames: Sequence[int],
+                  offline: Sequence[int] = ()) -> str:
+    """``numactl --hardware`` for ``topology`` with ``free_frames[n]`` free frames on node n.
+
+    Nodes in ``offline`` (they failed) show no memory, as after a memory hot-remove, and are
+    named on a last line of their own."""
     nodes = topology.nodes
     if len(free_frames) != len(nodes):
         raise ValueError(f"free_frames has {len(free_frames)} entries for {len(nodes)} nodes")
@@ -58,7 +62,8 @@ def hardware_text(topology: Topology, free_frames: Sequence[int]) -> str:
     for node in nodes:
         cpus = "".join(f" {cpu}" for cpu in topology.cpus_of(node))
         lines.append(f"node {node} cpus:{cpus}")
-        lines.append(f"node {node} size: {(topology.frames_per_node[node] * page_size) >> 20} MB")
+        size = 0 if node in offline else topology.frames_per_node[node] * page_size
+        lines.append(f"node {node} size: {size >> 20} MB")
         lines.append(f"node {node} free: {(int(free_frames[node]) * page_size) >> 20} MB")
     # numactl >= 2.0.19: 4-wide columns, a 6-wide row label, and a space after every entry.
     lines.append("node distances:")
@@ -66,6 +71,8 @@ def hardware_text(topology: Topology, free_frames: Sequence[int]) -> str:
     for a in nodes:
         row = "".join(f"{d:4d} " for d in topology.distances[a])
         lines.append(f"{a:4d}: {row}")
+    if offline:
+        lines.append(f"offline (failed) nodes: {format_nodes(sorted(offline))}")
     return "\n".join(lines) + "\n"
 
 
