@@ -6,6 +6,7 @@ arrays and with each node's own free bitmap:
 * every present PTE points at an allocated frame, and a frame's mapcount is the
   number of PTEs that map it;
 * a frame's refcount is its mapcount, plus one for a page-cache slot, plus pins;
+* no frame is isolated (taken off its LRU by a migration) at rest;
 * no frame is both free at its node and referenced (or on a page list);
 * per node, free + used = total, and the coordinator's free count agrees.
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from numaemu import protocol as P
 
-from .pages import PTE_MIGRATION, PTE_PRESENT, pte_node, pte_pfn
+from .pages import PG_ISOLATED, PTE_MIGRATION, PTE_PRESENT, pte_node, pte_pfn
 
 
 async def check(kernel) -> list[str]:
@@ -70,6 +71,10 @@ async def check(kernel) -> list[str]:
             problems.append(f"node {n}: refcount of {len(bad)} frames is not mapcount + "
                             f"cache + pins (e.g. pfn {bad[0]}: {table.refcount[bad[0]]} vs "
                             f"{expected[bad[0]]})")
+        isolated = np.flatnonzero((table.flags & PG_ISOLATED) != 0)
+        if len(isolated):
+            problems.append(f"node {n}: {len(isolated)} frames are still isolated at rest (an "
+                            f"isolation leak, e.g. pfn {isolated[0]})")
         used = table.refcount > 0
         both = np.flatnonzero(used & free)
         if len(both):

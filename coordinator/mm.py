@@ -135,7 +135,8 @@ class Task:
     policy: MemPolicy | None = None
     il_count: int = 0  # counter-based interleave position (page cache allocations)
     vmas: list[Vma] = field(default_factory=list)
-    next_vpn: int = 0
+    next_vpn: int = 0  # end of the highest area handed out (+ its guard page)
+    mmap_base: int = 0  # the first vpn mmap hands out
     mmap_lock: RWLock = field(default_factory=RWLock)
     tlb: Peer | None = None  # the client's shootdown thread, once it said hello
     # While a syscall of this task runs with its own translations dropped beforehand (the
@@ -178,10 +179,23 @@ class Task:
 
     # -- changes -------------------------------------------------------------
     def get_unmapped_area(self, npages: int) -> int:
-        """Next free vpn range of ``npages`` (bump allocation; a guard page between areas)."""
-        start = self.next_vpn
-        self.next_vpn += npages + 1
-        return start
+        """The lowest free vpn range of ``npages`` above the mmap base, with a guard page
+        after every area: freed ranges are reused, as Linux does, so that a client's TLB (a
+        list indexed by vpn) stays as big as what is mapped, not what was ever mapped."""
+        pos = self.find_unmapped_area(npages)
+        self.next_vpn = max(self.next_vpn, pos + npages + 1)
+        return pos
+
+    def find_unmapped_area(self, npages: int) -> int:
+        """Where ``get_unmapped_area`` would put ``npages`` pages (changes nothing)."""
+        pos = self.mmap_base
+        for vma in self.vmas:
+            if vma.end + 1 <= pos:
+                continue
+            if vma.start >= pos + npages + 1:
+                break
+            pos = vma.end + 1
+        return pos
 
     def insert_vma(self, vma: Vma) -> None:
         bisect.insort(self.vmas, vma, key=lambda v: v.start)

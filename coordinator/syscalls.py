@@ -111,6 +111,7 @@ class Syscalls:
         task = Task(pid=pid, os_pid=req.os_pid, host=req.host, uid=req.uid,
                     privileged=req.privileged, command=req.command or f"task{pid}", cpu=cpu,
                     cpus_allowed=tuple(topo.cpus), next_vpn=MMAP_BASE // k.page_size,
+                    mmap_base=MMAP_BASE // k.page_size,
                     last_seen=time.monotonic())
         if req.host == k.host:
             task.pidfd = procwatch.pidfd_open(req.os_pid)
@@ -146,7 +147,7 @@ class Syscalls:
         async with task.mmap_lock.write():
             # No address space left is ENOMEM, checked before anything changes: a huge length
             # used to fail in np.zeros *after* get_unmapped_area had moved next_vpn past it.
-            if task.next_vpn + npages > TASK_SIZE // k.page_size:
+            if task.find_unmapped_area(npages) + npages > TASK_SIZE // k.page_size:
                 raise NumaError(errno.ENOMEM, f"no room for {npages} pages in the address space")
             obj = None
             if req.shared is not None or req.file is not None:

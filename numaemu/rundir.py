@@ -137,8 +137,12 @@ def sweep_leftovers() -> list[str]:
                 continue
         elif pid_alive(state.get("supervisor_pid", 0)):
             continue
-        for pid in (state or {}).get("pids", []):
-            if pid_alive(pid) and _is_ours(pid):
+        state = state or {}
+        pids, starts = state.get("pids", []), state.get("starts", [])
+        for pid, start in zip(pids, starts):
+            # Only the very process the cluster recorded: same pid *and* start time, so a
+            # pid reused since by an unrelated process is never killed.
+            if pid_alive(pid) and start_time(pid) == start:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -153,10 +157,11 @@ def sweep_leftovers() -> list[str]:
     return removed
 
 
-def _is_ours(pid: int) -> bool:
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22): with
+    the pid, it names one process for good."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ")
-    except OSError:
-        return False
-    return b"numaemu" in cmd or b"nodes" in cmd or b"coordinator" in cmd
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

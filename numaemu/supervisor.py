@@ -30,7 +30,7 @@ import sys
 import time
 
 from . import log as numaemu_log
-from .rundir import RunDir, sweep_leftovers
+from .rundir import RunDir, start_time, sweep_leftovers
 from .topology import Topology
 
 log = logging.getLogger("numaemu.supervisor")
@@ -115,7 +115,8 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
         collector = numaemu_log.Collector(endpoints["log"])
         collector.start_and_wait()
         run.write_state(supervisor_pid=os.getpid(), address=endpoints["rpc"],
-                        pids=[p.pid for p in procs.values()], log=run.log_path)
+                        pids=[p.pid for p in procs.values()],
+                        starts=[start_time(p.pid) for p in procs.values()], log=run.log_path)
         _wait_ready(endpoints["rpc"], topology.num_nodes, procs, stop_reason)
         if stop_reason:
             return 1

@@ -445,6 +445,16 @@ class Task:
                 vpns = np.arange(len(self._rtlb), dtype=np.int64) + self._base_vpn
             self._clear(np.unique(vpns.astype(np.int64)))
 
+    def _trim_tlb(self) -> None:
+        """Shrink the TLB lists past their last translation (after munmap): they are sized
+        by what is mapped, and the coordinator reuses freed address ranges."""
+        with self._access_lock:
+            rtlb, wtlb, tnode = self._rtlb, self._wtlb, self._tnode
+            end = len(rtlb)
+            while end and rtlb[end - 1] is None and wtlb[end - 1] is None:
+                end -= 1
+            del rtlb[end:], wtlb[end:], tnode[end:]
+
     def _drop_range(self, addr: int, length: int) -> None:
         """Drop our translations of ``[addr, addr + length)``."""
         with self._access_lock:
@@ -481,6 +491,7 @@ class Task:
         with self._req_lock:
             self._drop_range(addr, length)
             self._call("munmap", addr=addr, length=length)
+            self._trim_tlb()
 
     def msync(self, addr: int, length: int) -> int:
         """Write dirty pages of file-backed mappings in the range back to their files."""
