@@ -79,12 +79,18 @@ def hostile_traffic(cluster) -> None:
     task = cluster.attach(cpu=0)
     m = task.mmap(16 * PS)
     task.write(m.addr, b"y" * m.length)
-    huge = np.arange(10**7, dtype=P.VPN) + m.addr // PS
+    over_cap = np.arange(10**5, dtype=P.VPN) + m.addr // PS
+    over_size = np.arange(10**7, dtype=P.VPN)
     for _ in range(3):
         try:
-            task._sync_call("fault", vpns=huge, write=True)
+            task._sync_call("fault", vpns=over_cap, write=True)
         except numaemu.NumaError:
             pass
+        with Connection(cluster.address) as raw:
+            try:
+                raw.call("fault", pid=task.pid, vpns=over_size, write=True, timeout=10)
+            except (numaemu.NumaError, numaemu.ClusterError):
+                pass
         try:
             task.read(m.addr, 2**35)
         except numaemu.NumaError:

@@ -45,6 +45,9 @@ NODE_PING = 0.25
 NODE_LEASE = 1.5
 LOCAL_NODE_LEASE = 5.0
 REAP_INTERVAL = 1.0
+#: Largest message each endpoint accepts (a request carries at most 65536 pages: 512 KiB of
+#: page numbers; the nodes endpoint carries frame contents and is not limited).
+MAX_MESSAGE = {"rpc": 8 << 20, "tlb": 1 << 20}
 #: Period of the loop-stall monitor.
 STALL_TICK = 0.01
 #: The flusher writes dirty file pages back this often (and sooner when woken).
@@ -95,6 +98,10 @@ class Coordinator:
                 sock = ctx.socket(zmq.ROUTER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                if name in MAX_MESSAGE:
+                    # A bigger message drops its sender's connection before it is read:
+                    # no peer makes the loop unpack megabytes (or exhausts our memory).
+                    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE[name])
                 sock.bind(self.endpoints[name])
                 socks[name] = sock
             log.info("coordinator listening on %s", self.endpoints["rpc"])
