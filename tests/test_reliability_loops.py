@@ -149,8 +149,7 @@ def test_a_message_over_the_size_limit_is_dropped_with_its_connection(cluster, e
 
     from numaemu.errors import ClusterError
 
-    with Connection(cluster.address) as conn:
-        with pytest.raises(ClusterError):
-            conn.call("fault", pid=1, vpns=np.arange(10**7, dtype=P.VPN), write=False,
-                      timeout=10)
+    with Connection(cluster.address) as conn, pytest.raises(ClusterError):
+        conn.call("fault", pid=1, vpns=np.arange(10**7, dtype=P.VPN), write=False,
+                  timeout=10)
     cluster_serves(cluster)
