@@ -19,7 +19,7 @@ from numaemu import protocol as P
 from numaemu.constants import MAX_NUMNODES, MPOL_MODE_FLAGS, GetFlag, Mode, MoveFlag
 from numaemu.errors import NumaError
 
-from . import filemap, movepages, procfs
+from . import creds, filemap, movepages, procfs
 from .memory import handle_fault, zap_vma
 from .mempolicy import (
     check_mbind_flags,
@@ -92,8 +92,11 @@ class Syscalls:
         }
 
     async def attach(self, req: P.Attach) -> dict:
+        """A new task, bound to the connection it attached on (coordinator/creds.py)."""
         k = self.k
         topo = k.topology
+        caller = creds.CALLER.get()
+        creds.check_attach(req, caller, k.host)
         cpu = req.cpu if req.cpu is not None else topo.cpus[0]
         if cpu not in topo.cpus:
             raise NumaError(errno.EINVAL, f"no CPU {cpu} (CPUs are {list(topo.cpus)})")
@@ -101,7 +104,7 @@ class Syscalls:
         task = Task(pid=pid, os_pid=req.os_pid, host=req.host, uid=req.uid,
                     privileged=req.privileged, command=req.command or f"task{pid}", cpu=cpu,
                     cpus_allowed=tuple(topo.cpus), next_vpn=MMAP_BASE // k.page_size,
-                    last_seen=time.monotonic())
+                    last_seen=time.monotonic(), conn_id=caller.conn_id, cred=caller.cred)
         k.tasks[pid] = task
         log.info("task %d attached (os pid %d on %s, cpu %d%s)", pid, req.os_pid, req.host, cpu,
                  ", privileged" if req.privileged else "")
@@ -115,6 +118,11 @@ class Syscalls:
         return {}
 
     async def shutdown(self, req: P.Shutdown) -> dict:
+        """Stop the cluster: a privileged task's request, or a privileged peer's."""
+        caller = creds.CALLER.get()
+        if caller is None or not caller.privileged:
+            raise NumaError(errno.EPERM, "shutdown needs a privileged caller")
+        log.info("shutdown requested by %s", caller.task.pid if caller.task else caller.cred)
         self.server.request_stop("shutdown request")
         return {}
 
@@ -314,7 +322,8 @@ class Syscalls:
         return {}
 
     async def inject_fault(self, req: P.InjectFault) -> dict:
-        self.k.task(req.pid)
+        if not self.k.task(req.pid).privileged:
+            raise NumaError(errno.EPERM, "inject_fault needs a privileged task")
         await self.k.node(req.node).peer.call(P.Inject(request=req.request, count=req.count,
                                                            delay=req.delay))
         return {}
@@ -359,7 +368,12 @@ class Syscalls:
 
     # -- views -----------------------------------------------------------------
     async def numa_maps(self, req: P.NumaMaps) -> dict:
+        """``/proc/<pid>/numa_maps``: ``pid`` is the target; the caller is the connection's
+        task or peer, and needs the target's owner or privilege (EACCES, as Linux)."""
         task = self.k.task(req.pid)
+        caller = creds.CALLER.get()
+        if caller is None or not caller.may_read(task):
+            raise NumaError(errno.EACCES, f"may not read the numa_maps of task {task.pid}")
         return {"text": await procfs.numa_maps(self.k, task), "command": task.command}
 
     async def numastat(self, req: P.Numastat) -> dict:
