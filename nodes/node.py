@@ -285,11 +285,11 @@ class Node:
             if "re" in obj:  # a reply (to our register): not expected here
                 return None
             req = P.decode_request(obj)
+            if ops is not None and req.op not in ops:
+                raise _Errno(errno.EPERM, f"{req.op} is not served on the data endpoint")
             handler = self.handlers.get(req.op)
             if handler is None:
                 raise ProtocolError(f"op {req.op!r} is not served by a node")
-            if ops is not None and req.op not in ops:
-                raise _Errno(errno.EPERM, f"{req.op} is not served on the data endpoint")
             if self.injected.get(req.op):
                 self.injected[req.op] -= 1
                 raise _Errno(errno.EIO, f"injected failure of {req.op}")
