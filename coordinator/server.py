@@ -9,6 +9,10 @@ page lock, or a writeback waiting on TLB acks, never stalls other callers
 (ARCHITECTURE.md: "one slow client must not stall the cluster").  State
 changes between two awaits are atomic, like code holding a spinlock.
 
+Identity (coordinator/creds.py): the sockets are ``CredRouter``s, which record each
+peer's kernel credentials (ipc) by routing id; a task is bound to the connection that
+attached it, and ``answer`` refuses requests naming another connection's task.
+
 Liveness: nodes are pinged every ``NODE_PING`` seconds (a node exits when the
 pings stop); clients send heartbeats on their tlb socket and local clients are
 also checked by pid; a dead client's address space is reaped.

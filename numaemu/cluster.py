@@ -183,7 +183,9 @@ class Cluster:
         """A client task in this process, on ``cpu``; closed when the cluster stops.
 
         ``uid`` is the emulated owner (default: this process's uid); acting on another
-        owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do."""
+        owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do.  Only
+        root may pick another ``uid``; ``privileged=True`` needs root or the cluster's owner
+        (the task is bound to this process: docs/design.md, "Identity")."""
         task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid, inject=inject)
         self._tasks.append(task)
         return task
