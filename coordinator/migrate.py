@@ -217,13 +217,6 @@ class _NodeLost(Exception):
         self.errno = err
 
 
-def _step(kernel, step: int) -> None:
-    """A point between two steps: fail here if a test asked for it (``inject_fault`` with
-    request ``migrate_step_N``), and notice a node that died during the last await."""
-    left = kernel.inject_steps.get(step, 0)
-    if left:
-        kernel.inject_steps[step] = left - 1
-        raise InjectedFailure(f"injected failure at migration step {step}")
 
 
 class _Batch:
@@ -249,6 +242,14 @@ class _Batch:
             raise _NodeLost(errno.EIO, f"source node {self.src} died")
         if self.dst in offline:
             raise _NodeLost(errno.ENODEV, f"target node {self.dst} died")
+
+    def step(self, step: int) -> None:
+        """A point between two steps: fail here if a test asked for it (``inject_fault`` with
+        request ``migrate_step_N``) and some page of the batch is still on its way."""
+        left = self.kernel.inject_steps.get(step, 0)
+        if left and (self.rc == 0).any():
+            self.kernel.inject_steps[step] = left - 1
+            raise InjectedFailure(f"injected failure at migration step {step}")
 
     def fail(self, which: np.ndarray, err: int) -> None:
         self.rc[which & (self.rc == 0)] = -err
@@ -327,7 +328,7 @@ class _Batch:
         self.locked[idx[got]] = True
         self.fail(live & ~self.locked, errno.EAGAIN)
         self.check_nodes()
-        _step(k, 1)
+        self.step(1)
 
         # Step 2: writeback must be complete.
         wb = self.locked & (self.rc == 0) & ((told.flags[old] & PG_WRITEBACK) != 0)
@@ -341,7 +342,7 @@ class _Batch:
                 except asyncio.TimeoutError:  # writeback stuck: these pages stay, -EBUSY
                     self.fail(wb, errno.EBUSY)
                 self.check_nodes()
-        _step(k, 2)
+        self.step(2)
 
         # Step 3: new pages locked and not uptodate: accesses to them wait on the lock.
         # Step 4: they carry the old page's settings (mapping, index, anon).
@@ -352,13 +353,13 @@ class _Batch:
         tnew.mapping[w], tnew.index[w], tnew.owner[w] = told.mapping[o], told.index[o], \
             told.owner[o]
         self.stage[g] = PREPARED
-        _step(k, 3)
-        _step(k, 4)
+        self.step(3)
+        self.step(4)
 
         # Step 5: every PTE becomes a migration entry; flush the TLBs that may cache them.
         self.record, _ = try_to_migrate(k, src, o)
         self.stage[g] = UNMAPPED
-        _step(k, 5)
+        self.step(5)
         await flush_tlb(k, self.record.tasks())
         self.check_nodes()
         back_out = told.mapcount[o] != 0
@@ -371,12 +372,12 @@ class _Batch:
                 if obj is not None:
                     await tree_locks.enter_async_context(obj.tree_lock)
             self.check_nodes()
-            _step(k, 6)
+            self.step(6)
             cached = told.mapping[o] != 0
             # Step 7: back out if references remain (pins, a racing lookup).
             expected = 1 + cached.astype(np.int32)
             back_out |= told.refcount[o] != expected
-            _step(k, 7)
+            self.step(7)
             # Step 8: the slot must still point at the old page.
             for oid in oids:
                 obj = k.objects.get(oid)
@@ -386,7 +387,7 @@ class _Batch:
                     continue
                 slot = told.index[o[mine]]
                 back_out[mine[obj.cache[slot] != cache_entry(src, o[mine])]] = True
-            _step(k, 8)
+            self.step(8)
             switched = []
             for oid in oids:
                 obj = k.objects.get(oid)
@@ -397,15 +398,15 @@ class _Batch:
                 obj.cache[told.index[o[ok]]] = cache_entry(dst, w[ok])
                 self.stage[g[ok]] = SWITCHED
                 switched.append(ok)
-            _step(k, 9)
+            self.step(9)
             for ok in switched:
                 # Step 10: the cache's reference moves from the old page to the new one.
                 told.refcount[o[ok]] -= 1
                 tnew.refcount[w[ok]] += 1
                 self.stage[g[ok]] = REFS_MOVED
-            _step(k, 10)
+            self.step(10)
             # Step 11: the tree lock is dropped on leaving this block.
-        _step(k, 11)
+        self.step(11)
 
         if back_out.any():  # those pages stay where they are: -EAGAIN, retried next pass
             which = np.zeros(len(old), dtype=bool)
@@ -420,27 +421,27 @@ class _Batch:
                 src_node=src, src_path=src_info.path, src_endpoint=src_info.data_endpoint,
                 src_pfns=o[moving].astype(P.PFN), dst_pfns=w[moving].astype(P.PFN)))
             self.check_nodes()
-        _step(k, 12)
+        self.step(12)
 
         if moving.any():
             mo, mw = o[moving], w[moving]
             # Step 13: the remaining flags travel; step 14: the old page holds nothing.
             tnew.flags[mw] |= told.flags[mo] & MIGRATED_FLAGS
             self.flags_moved[g[moving]] = True
-            _step(k, 13)
+            self.step(13)
             told.flags[mo] &= ~MIGRATED_FLAGS
-            _step(k, 14)
+            self.step(14)
             # Step 15: a dirty page-cache page gets its writeback queued on the new page.
             dirty_files = set(told.mapping[mo][(tnew.flags[mw] & PG_DIRTY) != 0].tolist())
             for oid in dirty_files - {0}:
                 k.queue_writeback(oid)
-            _step(k, 15)
+            self.step(15)
             # Step 16: migration entries become real PTEs to the new page: the commit point.
             mask = np.zeros(len(o), dtype=bool)
             mask[moving] = True
             remove_migration_entries(k, self.record, mask, dst, w)
             self.stage[g[moving]] = COMMITTED
-        _step(k, 16)
+        self.step(16)
 
     async def finish(self) -> None:
         """Steps 19-20, whatever happened before: unlock, put the moved pages back on the

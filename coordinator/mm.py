@@ -23,6 +23,7 @@ from numaemu.errors import NumaError
 from .mempolicy import MemPolicy
 
 if TYPE_CHECKING:
+    from .creds import PeerCred
     from .filemap import SharedObject
     from .links import Peer
 
@@ -146,6 +147,10 @@ class Task:
     last_seen: float = 0.0
     exiting: bool = False
     pidfd: int | None = None  # a local client's process (coordinator/procwatch.py)
+    # Identity (coordinator/creds.py): the rpc connection that attached the task and its
+    # peer's credentials; requests naming this pid are served on that connection only.
+    conn_id: bytes | None = None
+    cred: PeerCred | None = None
 
     # -- lookups -----------------------------------------------------------
     def find_vma(self, vpn: int) -> Vma | None:

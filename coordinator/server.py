@@ -9,6 +9,10 @@ page lock, or a writeback waiting on TLB acks, never stalls other callers
 (ARCHITECTURE.md: "one slow client must not stall the cluster").  State
 changes between two awaits are atomic, like code holding a spinlock.
 
+Identity (coordinator/creds.py): the sockets are ``CredRouter``s, which record each
+peer's kernel credentials (ipc) by routing id; a task is bound to the connection that
+attached it, and ``answer`` refuses requests naming another connection's task.
+
 Liveness: nodes are pinged every ``NODE_PING`` seconds (a node exits when the
 pings stop); clients send heartbeats on their tlb socket and local clients are
 also checked by pid; a dead client's address space is reaped.
@@ -31,7 +35,7 @@ from numaemu.errors import ClusterError, NumaError
 from numaemu.protocol import ProtocolError
 from numaemu.topology import Topology
 
-from . import memory_failure, procwatch
+from . import creds, memory_failure, procwatch
 from .kernel import Kernel, NodeInfo
 from .links import Peer, PeerGone, send_bounded
 from .shootdown import client_alive
@@ -95,7 +99,7 @@ class Coordinator:
         socks = {}
         try:
             for name in ("rpc", "tlb", "nodes"):
-                sock = ctx.socket(zmq.ROUTER)
+                sock = ctx.socket(zmq.ROUTER, socket_class=creds.CredRouter)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 if name in MAX_MESSAGE:
@@ -205,8 +209,11 @@ class Coordinator:
             handler = self.syscalls.handlers.get(req.op)
             if handler is None:
                 raise ProtocolError(f"op {req.op!r} is not a syscall")
-            pid = getattr(req, "pid", None)
-            task = self.kernel.tasks.get(pid) if isinstance(pid, int) else None
+            # Identity first: a request naming another connection's task changes nothing,
+            # not even that task's request count (coordinator/creds.py).
+            caller = creds.identify(self.kernel, ident, creds.peer_of(sock, ident), req)
+            creds.CALLER.set(caller)
+            task = caller.task
             if task is not None:
                 task.last_seen = time.monotonic()
                 # A new request means the client stopped waiting for the one that promised
@@ -254,6 +261,11 @@ class Coordinator:
                     await self.reply(sock, ident, P.error_reply(
                         obj.get("seq"), errno.ESRCH, "no such task"))
                 return
+            refused = creds.check_tlb_peer(task, creds.peer_of(sock, ident))
+            if refused is not None:  # a stranger's hello or heartbeat for this task
+                log.warning("tlb %s refused: %s", req.op, refused)
+                await self.reply(sock, ident, P.error_reply(obj.get("seq"), errno.EPERM, refused))
+                return
             task.last_seen = time.monotonic()
             if req.op == "tlb_hello":
                 task.tlb = Peer(sock, ident, f"task {task.pid}")
@@ -289,6 +301,10 @@ class Coordinator:
             await self.reply(sock, ident, P.protocol_error_reply(obj, exc))
 
     def register(self, sock, ident: bytes, req: P.Register, seq) -> bytes:
+        refused = creds.check_register(req, creds.peer_of(sock, ident))
+        if refused is not None:
+            log.warning("registration of node %d refused: %s", req.node, refused)
+            return P.error_reply(seq, errno.EPERM, f"register: {refused}")
         topo = self.kernel.topology
         if req.node not in topo.nodes:
             return P.error_reply(seq, errno.ENODEV, f"node {req.node} is not in the topology")

@@ -27,7 +27,7 @@ from numaemu.constants import (
 )
 from numaemu.errors import NumaError
 
-from . import filemap, movepages, procfs, procwatch
+from . import creds, filemap, movepages, procfs, procwatch
 from .memory import handle_fault, zap_vma
 from .mempolicy import (
     check_mbind_flags,
@@ -102,8 +102,11 @@ class Syscalls:
         }
 
     async def attach(self, req: P.Attach) -> dict:
+        """A new task, bound to the connection it attached on (coordinator/creds.py)."""
         k = self.k
         topo = k.topology
+        caller = creds.CALLER.get()
+        creds.check_attach(req, caller, k.host)
         cpu = req.cpu if req.cpu is not None else topo.cpus[0]
         if cpu not in topo.cpus:
             raise NumaError(errno.EINVAL, f"no CPU {cpu} (CPUs are {list(topo.cpus)})")
@@ -112,7 +115,7 @@ class Syscalls:
                     privileged=req.privileged, command=req.command or f"task{pid}", cpu=cpu,
                     cpus_allowed=tuple(topo.cpus), next_vpn=MMAP_BASE // k.page_size,
                     mmap_base=MMAP_BASE // k.page_size,
-                    last_seen=time.monotonic())
+                    last_seen=time.monotonic(), conn_id=caller.conn_id, cred=caller.cred)
         if req.host == k.host:
             task.pidfd = procwatch.pidfd_open(req.os_pid)
             if task.pidfd is None:
@@ -130,6 +133,11 @@ class Syscalls:
         return {}
 
     async def shutdown(self, req: P.Shutdown) -> dict:
+        """Stop the cluster: a privileged task's request, or a privileged peer's."""
+        caller = creds.CALLER.get()
+        if caller is None or not caller.privileged:
+            raise NumaError(errno.EPERM, "shutdown needs a privileged caller")
+        log.info("shutdown requested by %s", caller.task.pid if caller.task else caller.cred)
         self.server.request_stop("shutdown request")
         return {}
 
@@ -341,7 +349,8 @@ class Syscalls:
         return {}
 
     async def inject_fault(self, req: P.InjectFault) -> dict:
-        self.k.task(req.pid)
+        if not self.k.task(req.pid).privileged:
+            raise NumaError(errno.EPERM, "inject_fault needs a privileged task")
         step = req.request.removeprefix("migrate_step_")
         if step != req.request:  # the coordinator's own: the migration engine's steps
             if not step.isdigit() or not 1 <= int(step) <= 20 or not 0 <= req.count <= 1 << 20:
@@ -392,7 +401,12 @@ class Syscalls:
 
     # -- views -----------------------------------------------------------------
     async def numa_maps(self, req: P.NumaMaps) -> dict:
+        """``/proc/<pid>/numa_maps``: ``pid`` is the target; the caller is the connection's
+        task or peer, and needs the target's owner or privilege (EACCES, as Linux)."""
         task = self.k.task(req.pid)
+        caller = creds.CALLER.get()
+        if caller is None or not caller.may_read(task):
+            raise NumaError(errno.EACCES, f"may not read the numa_maps of task {task.pid}")
         return {"text": await procfs.numa_maps(self.k, task), "command": task.command}
 
     async def numastat(self, req: P.Numastat) -> dict:

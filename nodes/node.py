@@ -7,7 +7,9 @@ coordinator pings it every ``HEARTBEAT_INTERVAL``; a node that hears nothing
 for ``HEARTBEAT_TIMEOUT`` assumes its coordinator is gone and exits, removing
 its segment (ZeroMQ guide: heartbeating).  It also binds a data endpoint
 (ROUTER) where clients that cannot map the segment, or other nodes, read and
-write frames.
+write frames: only ``DATA_OPS`` are served there (anyone who can connect may
+use it); everything else (alloc, free, inject ...) only on the coordinator's
+connection, and on the data endpoint gets EPERM.
 
 Frame allocation is next-fit over a free bitmap, so a fresh node hands out
 contiguous runs and copies of runs become slice copies.
@@ -44,6 +46,9 @@ NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "loc
                  "other_node")
 
 LRU_NONE, LRU_INACTIVE, LRU_ACTIVE = 0, 1, 2
+
+#: What the data endpoint serves: frame contents, nothing that changes the node's state.
+DATA_OPS = frozenset({"read_frames", "write_frames", "ping"})
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -285,14 +290,19 @@ class Node:
             self.delayed[op] = (count - 1, delay)
         return delay
 
-    def handle(self, raw: bytes) -> bytes | None:
-        """Answer one request; a malformed one gets an error reply, never an exception."""
+    def handle(self, raw: bytes, ops: frozenset[str] | None = None) -> bytes | None:
+        """Answer one request; a malformed one gets an error reply, never an exception.
+
+        ``ops``: the requests this connection may make (None: all, the coordinator's);
+        others get EPERM and change nothing."""
         obj: dict = {}
         try:
             obj = P.unpack(raw)
             if "re" in obj:  # a reply (to our register): not expected here
                 return None
             req = P.decode_request(obj)
+            if ops is not None and req.op not in ops:
+                raise _Errno(errno.EPERM, f"{req.op} is not served on the data endpoint")
             handler = self.handlers.get(req.op)
             if handler is None:
                 raise ProtocolError(f"op {req.op!r} is not served by a node")
@@ -382,7 +392,7 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str) -> 
             if data in events:
                 ident, raw = _split(data.recv_multipart())
                 if ident is not None:
-                    out = state.handle(raw)
+                    out = state.handle(raw, DATA_OPS)
                     if out is not None:
                         data.send_multipart([ident, out])
             if time.monotonic() - last_heard > HEARTBEAT_TIMEOUT:

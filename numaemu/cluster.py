@@ -183,15 +183,19 @@ class Cluster:
         """A client task in this process, on ``cpu``; closed when the cluster stops.
 
         ``uid`` is the emulated owner (default: this process's uid); acting on another
-        owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do."""
+        owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do.  Only
+        root may pick another ``uid``; ``privileged=True`` needs root or the cluster's owner
+        (the task is bound to this process: docs/design.md, "Identity")."""
         task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid, inject=inject)
         self._tasks.append(task)
         return task
 
     def spawn(self, fn: Callable[..., Any], *args: Any, cpu: int | None = None,
-              privileged: bool = False) -> ClientHandle:
-        """Run ``fn(task, *args)`` in a new client process; ``fn`` must be importable."""
-        handle = ClientHandle(self._require(), fn, args, cpu, privileged)
+              privileged: bool = False, uid: int | None = None) -> ClientHandle:
+        """Run ``fn(task, *args)`` in a new client process; ``fn`` must be importable.
+
+        ``uid`` is the task's emulated owner, as for ``attach`` (only root may pick one)."""
+        handle = ClientHandle(self._require(), fn, args, cpu, privileged, uid)
         self._handles.append(handle)
         return handle
 
@@ -245,10 +249,10 @@ class Cluster:
         return {"supervisor": state.get("supervisor_pid", 0), "children": state.get("pids", [])}
 
 
-def _client_main(address: str, fn, args, cpu, privileged, conn) -> None:
+def _client_main(address: str, fn, args, cpu, privileged, uid, conn) -> None:
     """Body of a spawned client process."""
     try:
-        task = Task(address, cpu=cpu, privileged=privileged,
+        task = Task(address, cpu=cpu, privileged=privileged, uid=uid,
                     command=getattr(fn, "__name__", "client"))
     except BaseException as exc:
         conn.send(("error", _portable(exc)))
@@ -281,11 +285,12 @@ def _portable(exc: BaseException) -> BaseException:
 class ClientHandle:
     """A spawned client process running ``fn(task, *args)``."""
 
-    def __init__(self, address: str, fn, args, cpu, privileged) -> None:
+    def __init__(self, address: str, fn, args, cpu, privileged, uid=None) -> None:
         ctx = _client_context()
         self._conn, child = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_client_main, name=f"numaemu-client-{fn.__name__}",
-                                 args=(address, fn, args, cpu, privileged, child), daemon=True)
+                                 args=(address, fn, args, cpu, privileged, uid, child),
+                                 daemon=True)
         self._proc.start()
         child.close()
         self._outcome: tuple | None = None

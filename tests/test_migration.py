@@ -164,14 +164,15 @@ def test_pinned_page_moves_only_after_release(task, cluster):
 def test_failed_copy_backs_the_batch_out_and_the_retry_succeeds(task, cluster):
     m = task.mmap(4 * PS)
     data = fill(task, m, 7)
-    task._sync_call("inject_fault", node=1, request="copy_in", count=1)
-    status = task.move_pages(m.pages, [1] * 4, MPOL_MF_MOVE)
-    assert list(status) == [1] * 4  # the next pass copied again
-    assert task.read(m.addr, m.length) == data
-    task._sync_call("inject_fault", node=0, request="copy_in", count=100)
-    status = task.move_pages(m.pages, [0] * 4, MPOL_MF_MOVE)
-    assert status.not_migrated == 4 and list(status) == [1] * 4
-    task._sync_call("inject_fault", node=0, request="copy_in", count=0)
+    with cluster.attach(cpu=1, privileged=True) as root:  # fault injection is privileged
+        root._sync_call("inject_fault", node=1, request="copy_in", count=1)
+        status = task.move_pages(m.pages, [1] * 4, MPOL_MF_MOVE)
+        assert list(status) == [1] * 4  # the next pass copied again
+        assert task.read(m.addr, m.length) == data
+        root._sync_call("inject_fault", node=0, request="copy_in", count=100)
+        status = task.move_pages(m.pages, [0] * 4, MPOL_MF_MOVE)
+        assert status.not_migrated == 4 and list(status) == [1] * 4
+        root._sync_call("inject_fault", node=0, request="copy_in", count=0)
     assert task.read(m.addr, m.length) == data
     assert cluster.check() == []
 

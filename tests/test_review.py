@@ -64,7 +64,9 @@ def _pin_and_hold(task, ready: str, pages: int):
 
 def test_a_client_killed_during_pin_leaves_no_frame_behind(own_cluster, tmp_path):
     cluster = own_cluster
-    root = cluster.attach(cpu=1)  # allocates nothing: the victim's request is node 0's first
+    # Privileged: fault injection needs it.  It allocates nothing: the victim's request is
+    # node 0's first.
+    root = cluster.attach(cpu=1, privileged=True)
     before = cluster.free_frames()
     root._sync_call("inject_fault", node=0, request="alloc", count=1, delay=3.0)
     ready = str(tmp_path / "ready")
@@ -91,7 +93,8 @@ def test_a_file_mapped_while_its_last_mapping_goes_away_stays_coherent(own_clust
     cluster = own_cluster
     path = tmp_path / "f.bin"
     path.write_bytes(bytes(PS))
-    a, b, c = (cluster.attach(cpu=cpu) for cpu in (0, 1, 2))
+    a = cluster.attach(cpu=0, privileged=True)  # privileged: it injects a fault
+    b, c = (cluster.attach(cpu=cpu) for cpu in (1, 2))
     ma = a.mmap(PS, file=path)
     a.write(ma.addr, b"AAAA")  # dirty: the last munmap writes it back (and awaits the node)
     a._sync_call("inject_fault", node=0, request="read_frames", count=1, delay=2.0)
@@ -124,7 +127,7 @@ def test_mbind_move_of_a_long_default_range_is_not_an_internal_error(own_cluster
 
 def test_a_fault_retried_after_ctrl_c_maps_the_page_once(own_cluster):
     cluster = own_cluster
-    c = cluster.attach(cpu=0)
+    c = cluster.attach(cpu=0, privileged=True)  # privileged: it injects a fault
     m = c.mmap(PS, shared="retried")
     # Node 0's first allocation (this fault's) is 2 s late.
     c._sync_call("inject_fault", node=0, request="alloc", count=1, delay=2.0)
