@@ -7,6 +7,13 @@ from enum import IntEnum, IntFlag
 PAGE_SIZE = 4096
 #: Highest node number + 1 that a nodemask may name (the kernel's MAX_NUMNODES).
 MAX_NUMNODES = 1024
+#: Most CPUs a CPU set may name (glibc's ``CPU_SETSIZE``).
+CPU_SETSIZE = 1024
+#: End of the user address space (x86-64, 4-level page tables): mmap beyond it is ENOMEM.
+TASK_SIZE = 1 << 47
+#: Longest file name (one path component) and longest path, in bytes (``limits.h``).
+NAME_MAX = 255
+PATH_MAX = 4096
 
 
 class Mode(IntEnum):
