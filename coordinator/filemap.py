@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,15 +102,22 @@ def open_object(kernel, *, shared: str | None, file: str | None, npages: int) ->
         obj = kernel.files.get(path)
         if obj is None:
             try:
-                size = os.stat(path).st_size
-                with open(path, "rb+"):
-                    pass
+                st = os.stat(path)
+                # Only regular files have pages to map (mmap(2): ENODEV); opening a FIFO
+                # would also block the coordinator until a writer came.
+                if stat.S_ISREG(st.st_mode):
+                    with open(path, "rb+"):
+                        pass
             except FileNotFoundError:
                 raise NumaError(errno.ENOENT, f"no such file: {path}") from None
-            except IsADirectoryError:
-                raise NumaError(errno.ENODEV, f"{path} is a directory") from None
             except PermissionError:
                 raise NumaError(errno.EACCES, f"cannot open {path} for writing") from None
+            except (OSError, ValueError) as exc:  # ENOTDIR, ENAMETOOLONG, ELOOP, NUL, ...
+                err = getattr(exc, "errno", None) or errno.EINVAL
+                raise NumaError(err, f"cannot open {path}: {exc}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise NumaError(errno.ENODEV, f"{path} is not a regular file")
+            size = st.st_size
             file_pages = -(-size // kernel.page_size)
             obj = SharedObject(kernel.new_object_id(), "file", path, file_pages, size)
             obj.grow(file_pages)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import errno
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from numbers import Integral
 
 import numpy as np
@@ -155,15 +156,18 @@ def read_nodes(nodes: Iterable[int] | None, *, for_mbind: bool = False) -> tuple
     call = _call(for_mbind)
     if nodes is None:
         return ()
-    if isinstance(nodes, (str, bytes)):  # the client's marker for an object it could not read
+    # A str is the client's marker for an object it could not read; a map is no list.
+    if isinstance(nodes, (str, bytes, Mapping)):
         raise NumaError(errno.EFAULT, f"{call}: the node list cannot be read")
-    try:
-        items = list(nodes)
+    try:  # one entry more than a nodemask has bits is enough to tell (also if endless)
+        items = list(islice(nodes, MAX_NUMNODES + 1))
     except TypeError:
         raise NumaError(errno.EFAULT, f"{call}: cannot read the node list {nodes!r}") from None
     for item in items:
         if isinstance(item, bool) or not isinstance(item, Integral):
             raise NumaError(errno.EFAULT, f"{call}: node list holds {item!r}, not a node number")
+    if len(items) > MAX_NUMNODES:
+        raise NumaError(errno.EINVAL, f"{call}: more than {MAX_NUMNODES} nodes (MAX_NUMNODES)")
     ids = sorted({int(item) for item in items})
     # Bits at or above MAX_NUMNODES must be clear (get_nodes); a negative id cannot be a bit.
     for n in ids:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from numaemu.constants import TASK_SIZE  # noqa: F401 (the address-space end, used with MMAP_BASE)
 from numaemu.errors import NumaError
 
 from .mempolicy import MemPolicy
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
     from .links import Peer
 
 MMAP_BASE = 0x7F0000000000
-#: End of the user address space (x86-64, 4-level page tables): mmap beyond it is ENOMEM.
-TASK_SIZE = 1 << 47
 
 
 class RWLock:

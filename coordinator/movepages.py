@@ -78,7 +78,10 @@ def check_target_nodes(kernel, nodes: list) -> np.ndarray:
     """move_pages target nodes: each must be a node with memory, else ENODEV."""
     arr = np.asarray(nodes, dtype=np.int64)
     for node in arr.tolist():
-        if node < 0 or node >= MAX_NUMNODES or node not in kernel.node_set:
+        if node < 0 or node >= MAX_NUMNODES:
+            raise NumaError(errno.ENODEV, f"node {node} is outside 0..{MAX_NUMNODES - 1} "
+                                          "(MAX_NUMNODES)")
+        if node not in kernel.node_set:
             raise NumaError(errno.ENODEV, f"node {node} does not exist or has no memory")
     return arr
 

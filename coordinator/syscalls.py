@@ -16,11 +16,13 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
+from numaemu import argcheck
 from numaemu import protocol as P
 from numaemu.constants import (
     MAX_NUMNODES,
     MAX_REQUEST_PAGES,
     MPOL_MODE_FLAGS,
+    TASK_SIZE,
     GetFlag,
     Mode,
     MoveFlag,
@@ -38,7 +40,7 @@ from .mempolicy import (
     sanitize_mode_flags,
     validate_get_flags,
 )
-from .mm import MMAP_BASE, TASK_SIZE, Task, Vma, check_range
+from .mm import MMAP_BASE, Task, Vma, check_range
 from .pages import pte_node
 
 log = logging.getLogger("numaemu.coordinator")
@@ -149,9 +151,17 @@ class Syscalls:
             raise NumaError(errno.EINVAL, "mmap length must be positive")
         if req.shared is not None and req.file is not None:
             raise NumaError(errno.EINVAL, "a mapping is either shared=NAME or file=PATH")
-        if req.shared is not None and (not req.shared or "/" in req.shared):
-            raise NumaError(errno.EINVAL, f"bad shared object name {req.shared!r}")
+        if req.shared is not None:
+            argcheck.shm_name(req.shared)  # EINVAL, ENAMETOOLONG as shm_open
+        if req.file is not None:
+            argcheck.check_path(req.file)  # EINVAL, ENAMETOOLONG as open
         npages = -(-req.length // k.page_size)
+        # Heuristic overcommit (vm.overcommit_memory=0) refuses one mapping larger than all
+        # of memory; here it also keeps a huge length from sizing page tables by it.
+        total = sum(k.topology.frames_per_node)
+        if npages > total:
+            raise NumaError(errno.ENOMEM, f"{npages} pages is more than the machine's "
+                                          f"{total} pages of memory")
         async with task.mmap_lock.write():
             # No address space left is ENOMEM, checked before anything changes: a huge length
             # used to fail in np.zeros *after* get_unmapped_area had moved next_vpn past it.
@@ -188,6 +198,8 @@ class Syscalls:
         start, end = check_range(k.page_size, req.addr, req.length)
         if req.length == 0:
             raise NumaError(errno.EINVAL, "munmap length must be positive")
+        if end > TASK_SIZE // k.page_size:
+            raise NumaError(errno.EINVAL, "munmap range goes past the end of the address space")
         async with task.mmap_lock.write():
             await unmap_range(k, task, start, end)
         return {}
@@ -310,6 +322,10 @@ class Syscalls:
         if not isinstance(nodes, (list, tuple)) or any(
                 isinstance(n, bool) or not isinstance(n, int) for n in nodes):
             raise NumaError(errno.EFAULT, "cannot read the nodes array")
+        if len(nodes) != len(req.pages):
+            raise NumaError(errno.EINVAL, "nodes must give one node per page")
+        # Any number no node has is ENODEV when its batch comes: keep it invalid, in int64.
+        nodes = [min(max(n, -1), MAX_NUMNODES) for n in nodes]
         flushed = (req.pages // k.page_size).astype(np.uint64) if req.flushed else None
         async with self_flushed(caller if task is caller else None, flushed):
             status, not_migrated = await movepages.do_pages_move(
@@ -339,6 +355,8 @@ class Syscalls:
         start, end = check_range(k.page_size, req.addr, req.length)
         if end == start:
             raise NumaError(errno.EINVAL, "nothing to pin")
+        if not task.covered(start, end):  # before anything is sized by the range
+            raise NumaError(errno.EFAULT, "the range to pin has unmapped holes")
         if end - start > MAX_REQUEST_PAGES:
             raise NumaError(errno.ENOMEM, f"cannot pin more than {MAX_REQUEST_PAGES} pages "
                                           "at once")
@@ -379,6 +397,7 @@ class Syscalls:
     async def shm_unlink(self, req: P.ShmUnlink) -> dict:
         k = self.k
         k.task(req.pid)
+        argcheck.shm_name(req.name)
         obj = k.shm_names.get(req.name)
         if obj is None:
             raise NumaError(errno.ENOENT, f"no shared object named {req.name!r}")
@@ -476,6 +495,8 @@ def _node_list(nodes) -> list[int]:
     if not isinstance(nodes, (list, tuple)) or any(
             isinstance(n, bool) or not isinstance(n, int) for n in nodes):
         raise NumaError(errno.EFAULT, "cannot read the node list")
+    if len(nodes) > MAX_NUMNODES:
+        raise NumaError(errno.EINVAL, f"a node list names at most {MAX_NUMNODES} nodes")
     for n in nodes:
         if n < 0 or n >= MAX_NUMNODES:
             raise NumaError(errno.EINVAL, f"node {n} is outside 0..{MAX_NUMNODES - 1}")

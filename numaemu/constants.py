@@ -11,6 +11,13 @@ MAX_NUMNODES = 1024
 #: calls (as the kernel's move_pages works in chunks); the coordinator refuses bigger
 #: requests with EINVAL, so that no request can hold its event loop for long.
 MAX_REQUEST_PAGES = 1 << 16
+#: Most CPUs a CPU set may name (glibc's ``CPU_SETSIZE``).
+CPU_SETSIZE = 1024
+#: End of the user address space (x86-64, 4-level page tables): mmap beyond it is ENOMEM.
+TASK_SIZE = 1 << 47
+#: Longest file name (one path component) and longest path, in bytes (``limits.h``).
+NAME_MAX = 255
+PATH_MAX = 4096
 
 
 class Mode(IntEnum):

@@ -10,6 +10,12 @@ annotations are the schema.  ``decode_request`` validates what arrives (unknown
 op, missing field, wrong type -> ``ProtocolError``, which the receiving loop
 turns into an ``EINVAL`` error reply) so that handlers never poke at raw dicts.
 
+The coordinator never trusts the client library: an integer field holds what the
+kernel's type holds (``int`` is a signed 64-bit register, ``U64`` an unsigned one:
+addresses and lengths), a float field is finite, and ``Limit`` caps the length of
+a string or list field.  msgpack itself carries no integer outside
+``-2**63 .. 2**64-1``.
+
 Page lists travel as packed numpy arrays (``Array`` fields: raw bytes of a
 fixed dtype), never as per-page msgpack lists; see
 reference/python-ipc-measurements.md section 3 for why (30-60x cheaper).
@@ -19,12 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import types
 from dataclasses import dataclass
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import msgpack
 import numpy as np
+
+from .constants import CPU_SETSIZE
 
 #: dtypes of the packed arrays, fixed by the protocol.
 VPN = np.dtype("<u8")  # virtual page numbers and addresses
@@ -52,6 +61,35 @@ class Array:
     def __repr__(self) -> str:
         return f"Array({self.dtype})"
 
+
+class Range:
+    """``Annotated`` metadata: an integer field's bounds (those of a kernel type)."""
+
+    def __init__(self, ctype: str, lo: int, hi: int) -> None:
+        self.ctype, self.lo, self.hi = ctype, lo, hi
+
+    def __repr__(self) -> str:
+        return f"Range({self.ctype})"
+
+
+class Limit:
+    """``Annotated`` metadata: at most ``n`` items (a list) or characters (a string)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __repr__(self) -> str:
+        return f"Limit({self.n})"
+
+
+INT64 = Range("int64", -(1 << 63), (1 << 63) - 1)
+UINT64 = Range("uint64", 0, (1 << 64) - 1)
+#: An unsigned long: addresses and lengths.  A plain ``int`` field is a signed long.
+U64 = Annotated[int, UINT64]
+#: Longest free-text field (a command name, a sysctl name): names with a tighter
+#: kernel limit (shared-object names, paths) are checked by their handlers, who
+#: answer ENAMETOOLONG as the kernel does.
+MAX_TEXT = 1 << 16
 
 VpnArray = Array(VPN)
 PfnArray = Array(PFN)
@@ -91,13 +129,24 @@ def _check(name: str, kind: Any, value: Any) -> Any:
             raise ProtocolError(f"field {name!r} has a partial {kind.dtype} item")
         return np.frombuffer(value, dtype=kind.dtype)
     origin = get_origin(kind)
+    if origin is Annotated:
+        base, *meta = get_args(kind)
+        ranged = any(isinstance(m, Range) for m in meta)
+        value = _check_int(name, value) if base is int and ranged else _check(name, base, value)
+        for m in meta:
+            if isinstance(m, Range) and not m.lo <= value <= m.hi:
+                raise ProtocolError(f"field {name!r} is out of {m.ctype} range")
+            if isinstance(m, Limit) and len(value) > m.n:
+                raise ProtocolError(f"field {name!r} is longer than {m.n}")
+        return value
     if origin is Union or origin is types.UnionType:
         options = get_args(kind)
         if value is None and type(None) in options:
             return None
+        options = [option for option in options if option is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own complaint says more
+            return _check(name, options[0], value)
         for option in options:
-            if option is type(None):
-                continue
             try:
                 return _check(name, option, value)
             except ProtocolError:
@@ -119,13 +168,20 @@ def _check(name: str, kind: Any, value: Any) -> Any:
             raise ProtocolError(f"field {name!r} must be a bool")
         return value
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ProtocolError(f"field {name!r} must be an integer")
+        value = _check_int(name, value)
+        if not INT64.lo <= value <= INT64.hi:
+            raise ProtocolError(f"field {name!r} is out of int64 range")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProtocolError(f"field {name!r} must be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ProtocolError(f"field {name!r} must be finite")
+        return number
     if kind is str:
         if not isinstance(value, str):
             raise ProtocolError(f"field {name!r} must be a string")
@@ -135,6 +191,12 @@ def _check(name: str, kind: Any, value: Any) -> Any:
             raise ProtocolError(f"field {name!r} must be bytes")
         return bytes(value)
     raise ProtocolError(f"field {name!r}: unsupported schema type {kind!r}")
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"field {name!r} must be an integer")
+    return value
 
 
 def _pack_value(value: Any) -> Any:
@@ -227,7 +289,7 @@ class Attach:
     uid: int
     cpu: int | None = None
     privileged: bool = False
-    command: str = ""
+    command: Annotated[str, Limit(MAX_TEXT)] = ""
 
 
 @request("detach")
@@ -238,7 +300,7 @@ class Detach:
 @request("mmap")
 class Mmap:
     pid: int
-    length: int
+    length: U64
     shared: str | None = None
     file: str | None = None
     populate: bool = False
@@ -247,8 +309,8 @@ class Mmap:
 @request("munmap")
 class Munmap:
     pid: int
-    addr: int
-    length: int
+    addr: U64
+    length: U64
 
 
 @request("fault")
@@ -271,15 +333,15 @@ class SetMempolicy:
 @request("get_mempolicy")
 class GetMempolicy:
     pid: int
-    addr: int | None = None
+    addr: U64 | None = None
     flags: int = 0
 
 
 @request("mbind")
 class Mbind:
     pid: int
-    addr: int
-    length: int
+    addr: U64
+    length: U64
     mode: int
     nodes: Any = None
     flags: int = 0
@@ -310,8 +372,8 @@ class Pin:
     """get_user_pages: hold a reference on every page of the range."""
 
     pid: int
-    addr: int
-    length: int
+    addr: U64
+    length: U64
 
 
 @request("unpin")
@@ -327,7 +389,7 @@ class InjectFault:
 
     pid: int
     node: int
-    request: str
+    request: Annotated[str, Limit(MAX_TEXT)]
     count: int = 1
     delay: float = 0.0
 
@@ -335,8 +397,8 @@ class InjectFault:
 @request("msync")
 class Msync:
     pid: int
-    addr: int
-    length: int
+    addr: U64
+    length: U64
 
 
 @request("shm_unlink")
@@ -348,7 +410,7 @@ class ShmUnlink:
 @request("sched_setaffinity")
 class SchedSetaffinity:
     pid: int
-    cpus: list[int]
+    cpus: Annotated[list[int], Limit(CPU_SETSIZE)]
 
 
 @request("numa_maps")
@@ -379,7 +441,7 @@ class Sysctl:
     """Read or (privileged) set a tunable, like /proc/sys/vm: ``migrate_batch``."""
 
     pid: int
-    name: str
+    name: Annotated[str, Limit(MAX_TEXT)]
     value: int | None = None
 
 

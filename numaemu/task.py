@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import zmq
 
+from . import argcheck
 from . import protocol as P
-from .constants import MAX_REQUEST_PAGES, MoveFlag
+from .constants import MAX_REQUEST_PAGES, TASK_SIZE, MoveFlag
 from .errors import ClusterError, NumaError
 from .latency import MIGRATION_WAIT_NS, LatencyModel, Pacer
 from .topology import Topology
@@ -49,6 +50,8 @@ log = logging.getLogger("numaemu.client")
 
 HEARTBEAT = 1.0
 STOP_POLL_MS = 50
+#: Most pages one fault request asks for (256 MiB): a huge access faults in rounds.
+FAULT_BATCH = MAX_REQUEST_PAGES
 
 
 class MoveResult(list):
@@ -191,44 +194,17 @@ class Task:
         lat, per_byte, paybox = self._lat_row, self._byte_row, self._paybox
 
         def read(addr: int, n: int) -> bytes:
-            off = addr & mask
-            if n > 0 and off + n <= ps:
-                i = (addr >> shift) - base
-                if i >= 0:
-                    out = None
-                    acquire()
-                    try:
-                        mv = rtlb[i]
-                        if mv is not None:
-                            out = mv[off : off + n].tobytes()
-                            nd = tnode[i]
-                            pages[nd] += 1
-                            nbytes[nd] += n
-                    except IndexError:
-                        pass
-                    finally:
-                        release()
-                    if out is not None:
-                        pay = paybox[0]
-                        if pay is not None:  # outside the lock: shootdowns go on
-                            pay(lat[nd] + n * per_byte[nd])
-                        return out
-            return slow_read(addr, n)
-
-        def write(addr: int, data) -> None:
-            t = type(data)
-            if t is bytes or t is bytearray:
-                n = len(data)
+            try:  # (free unless raised) anything but integers: the slow path says EINVAL
                 off = addr & mask
-                if n > 0 and off + n <= ps:
+                if n > 0 and off + n <= ps and n is not True:
                     i = (addr >> shift) - base
                     if i >= 0:
-                        nd = -1
+                        out = None
                         acquire()
                         try:
-                            mv = wtlb[i]
+                            mv = rtlb[i]
                             if mv is not None:
-                                mv[off : off + n] = data
+                                out = mv[off : off + n].tobytes()
                                 nd = tnode[i]
                                 pages[nd] += 1
                                 nbytes[nd] += n
@@ -236,11 +212,44 @@ class Task:
                             pass
                         finally:
                             release()
-                        if nd >= 0:
+                        if out is not None:
                             pay = paybox[0]
-                            if pay is not None:
+                            if pay is not None:  # outside the lock: shootdowns go on
                                 pay(lat[nd] + n * per_byte[nd])
-                            return
+                            return out
+            except TypeError:
+                pass
+            return slow_read(addr, n)
+
+        def write(addr: int, data) -> None:
+            t = type(data)
+            if t is bytes or t is bytearray:
+                n = len(data)
+                try:  # (free unless raised) an address that is no integer: see read
+                    off = addr & mask
+                    if n > 0 and off + n <= ps:
+                        i = (addr >> shift) - base
+                        if i >= 0:
+                            nd = -1
+                            acquire()
+                            try:
+                                mv = wtlb[i]
+                                if mv is not None:
+                                    mv[off : off + n] = data
+                                    nd = tnode[i]
+                                    pages[nd] += 1
+                                    nbytes[nd] += n
+                            except IndexError:
+                                pass
+                            finally:
+                                release()
+                            if nd >= 0:
+                                pay = paybox[0]
+                                if pay is not None:
+                                    pay(lat[nd] + n * per_byte[nd])
+                                return
+                except TypeError:
+                    pass
             slow_write(addr, data)
 
         self.read = read
@@ -249,6 +258,7 @@ class Task:
     def inject_delays(self, dilation: float | None) -> None:
         """Busy-wait each access's modeled cost times ``dilation`` (None: stop injecting),
         so that wall-clock timings show the model's ratios over Python's own overhead."""
+        dilation = argcheck.dilation(dilation)
         with self._access_lock:
             self._pacer = Pacer(dilation) if dilation else None
             self._paybox[0] = self._pacer.pay if self._pacer is not None else None
@@ -262,16 +272,29 @@ class Task:
         """Write ``data`` (any bytes-like object) at virtual address ``addr``."""
         raise NotImplementedError
 
-    def _span(self, addr: int, n: int) -> tuple[int, int]:
-        if not isinstance(addr, int) or not isinstance(n, int):
-            raise NumaError(errno.EINVAL, "address and length must be integers")
+    def _span(self, addr: Any, n: Any) -> tuple[int, int, int, int]:
+        """Check an access of ``n`` bytes at ``addr``; return (addr, n, first and last+1 TLB
+        index) with plain ints."""
+        addr, n = argcheck.integer("address", addr), argcheck.integer("length", n)
         if n < 0:
             raise NumaError(errno.EINVAL, f"negative length {n}")
         i0 = (addr >> self._shift) - self._base_vpn
         if addr < 0 or i0 < 0:
             raise NumaError(errno.EFAULT, f"address {addr:#x} is not mapped (SIGSEGV)")
+        if addr + n > TASK_SIZE:
+            raise NumaError(errno.EFAULT, f"{n} bytes at {addr:#x} go past the end of the "
+                                          "address space (SIGSEGV)")
         i1 = ((addr + max(n, 1) - 1) >> self._shift) - self._base_vpn + 1
-        return i0, i1
+        return addr, n, i0, i1
+
+    @staticmethod
+    def _missing(ents: list, i0: int, i1: int) -> list[int]:
+        """TLB indices of ``[i0, i1)`` without a translation (``ents`` is the TLB's slice),
+        at most FAULT_BATCH of them: one fault request."""
+        missing = [i0 + k for k, e in enumerate(ents) if e is None][:FAULT_BATCH]
+        first = i0 + len(ents)
+        missing += range(first, min(i1, first + FAULT_BATCH - len(missing)))
+        return missing
 
     def _account(self, i0: int, i1: int, first_off: int, last_end: int) -> float:
         """Charge pages and bytes of a multi-page access to the nodes they live on."""
@@ -290,7 +313,7 @@ class Task:
         return cost
 
     def _slow_read(self, addr: int, n: int) -> bytes:
-        i0, i1 = self._span(addr, n)
+        addr, n, i0, i1 = self._span(addr, n)
         if n == 0:
             return b""
         mask = self.page_size - 1
@@ -313,7 +336,7 @@ class Task:
                 if out is not None:
                     cost = self._account(i0, i1, off, end)
                     break
-                missing = _missing(ents, i0, i1)
+                missing = self._missing(ents, i0, i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=False)
@@ -324,12 +347,15 @@ class Task:
     def _slow_write(self, addr: int, data) -> None:
         try:
             src = memoryview(data)
-        except TypeError:
+        except (TypeError, ValueError, BufferError):
             raise NumaError(errno.EINVAL, "write needs a bytes-like object") from None
         if src.ndim != 1 or src.format != "B":
-            src = src.cast("B")
+            try:
+                src = src.cast("B")
+            except TypeError:  # not C-contiguous: copy it
+                src = memoryview(src.tobytes())
         n = len(src)
-        i0, i1 = self._span(addr, n)
+        addr, n, i0, i1 = self._span(addr, n)
         if n == 0:
             return
         ps, mask = self.page_size, self.page_size - 1
@@ -350,7 +376,7 @@ class Task:
                         ents[-1][:end] = src[pos:]
                     cost = self._account(i0, i1, off, end)
                     break
-                missing = _missing(ents, i0, i1)
+                missing = self._missing(ents, i0, i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=True)
@@ -478,16 +504,17 @@ class Task:
     def mmap(self, length: int, shared: str | None = None, file: str | os.PathLike | None = None,
              populate: bool = False) -> Mapping:
         """Map ``length`` bytes: private anonymous, a named shared object, or a real file."""
-        _check_int("length", length)
-        path = os.path.abspath(os.fspath(file)) if file is not None else None
+        length = argcheck.length("length", length, too_big=errno.ENOMEM)
+        if shared is not None:
+            shared = argcheck.shm_name(shared)
+        path = argcheck.file_path(file) if file is not None else None
         reply = self._sync_call("mmap", length=length, shared=shared, file=path,
-                                populate=populate)
+                                populate=argcheck.flag("populate", populate))
         return Mapping(self, reply["addr"], reply["length"])
 
     def munmap(self, addr: int, length: int) -> None:
         """Unmap ``[addr, addr+length)``; splits mappings it covers partly."""
-        _check_int("addr", addr)
-        _check_int("length", length)
+        addr, length = argcheck.address("addr", addr), argcheck.length("length", length)
         with self._req_lock:
             self._drop_range(addr, length)
             self._call("munmap", addr=addr, length=length)
@@ -495,37 +522,39 @@ class Task:
 
     def msync(self, addr: int, length: int) -> int:
         """Write dirty pages of file-backed mappings in the range back to their files."""
-        _check_int("addr", addr)
-        _check_int("length", length)
+        addr, length = argcheck.address("addr", addr), argcheck.length("length", length)
         return self._sync_call("msync", addr=addr, length=length)["written"]
 
     def shm_unlink(self, name: str) -> None:
         """Remove a named shared object; its pages go when the last mapping does."""
-        self._sync_call("shm_unlink", name=name)
+        self._sync_call("shm_unlink", name=argcheck.shm_name(name))
 
     # -- memory policy ---------------------------------------------------------------
     def set_mempolicy(self, mode: int, nodes: Iterable[int] | None = (), flags: int = 0) -> None:
         """The task policy for pages allocated from now on (``mode | flags``)."""
-        self._sync_call("set_mempolicy", mode=_int_arg("mode", mode),
-                        nodes=_nodes_arg(nodes), flags=_int_arg("flags", flags))
+        mode, flags = argcheck.signed("mode", mode), argcheck.signed("flags", flags)
+        self._sync_call("set_mempolicy", mode=mode, nodes=argcheck.nodemask(nodes),
+                        flags=flags)
 
     def get_mempolicy(self, addr: int | None = None, flags: int = 0) -> tuple[int, set[int]]:
         """(mode or node, nodes) as get_mempolicy(2) reports them."""
-        reply = self._sync_call("get_mempolicy", addr=None if addr is None else
-                                _int_arg("addr", addr), flags=_int_arg("flags", flags))
+        addr = None if addr is None else argcheck.address("addr", addr)
+        reply = self._sync_call("get_mempolicy", addr=addr,
+                                flags=argcheck.signed("flags", flags))
         return reply["mode"], set(reply["nodes"])
 
     def mbind(self, addr: int, length: int, mode: int, nodes: Iterable[int] | None = (),
               flags: int = 0) -> None:
         """Set the policy of ``[addr, addr+length)``."""
-        addr, length, flags = (_int_arg("addr", addr), _int_arg("length", length),
-                               _int_arg("flags", flags))
+        addr, length = argcheck.address("addr", addr), argcheck.length("length", length)
+        mode, flags = argcheck.signed("mode", mode), argcheck.signed("flags", flags)
+        node_list = argcheck.nodemask(nodes)
         move = bool(flags & (MoveFlag.MOVE | MoveFlag.MOVE_ALL))
         with self._req_lock:
-            if move and addr >= 0 and length > 0:
+            if move and length > 0:
                 self._drop_range(addr, length)  # see move_pages
-            self._call("mbind", addr=addr, length=length, mode=_int_arg("mode", mode),
-                       nodes=_nodes_arg(nodes), flags=flags, flushed=move)
+            self._call("mbind", addr=addr, length=length, mode=mode, nodes=node_list,
+                       flags=flags, flushed=move)
 
     def move_pages(self, pages: Iterable[int], nodes: Iterable[int] | None = None,
                    flags: int = 0, pid: int | None = None) -> MoveResult:
@@ -533,20 +562,14 @@ class Task:
 
         With ``nodes``, each page moves to its node; the result's ``not_migrated`` is the
         number of pages that could not be moved (move_pages(2)'s positive return)."""
-        try:
-            addrs = [int(p) for p in pages]
-        except (TypeError, ValueError):
-            raise NumaError(errno.EFAULT, "pages must be a list of addresses") from None
-        arr = np.array([a if a >= 0 else (1 << 64) - 1 for a in addrs], dtype=np.uint64)
+        flags, pid = argcheck.signed("flags", flags), argcheck.optional_pid(pid)
+        arr = argcheck.addresses(pages)
         node_list = None
         if nodes is not None:
-            node_list = _nodes_arg(nodes)
-            if node_list is UNREADABLE_NODES:
-                raise NumaError(errno.EFAULT, f"cannot read the nodes array {nodes!r}")
-            if len(node_list) != len(addrs):
+            node_list = argcheck.target_nodes(nodes)
+            if len(node_list) != len(arr):
                 raise NumaError(errno.EINVAL, "nodes must give one node per page")
         mine = pid is None or pid == self.pid
-        flags = _int_arg("flags", flags)
         statuses: list[int] = []
         not_migrated = 0
         step = MAX_REQUEST_PAGES  # a request's worth at a time, as the kernel works in chunks
@@ -575,24 +598,30 @@ class Task:
                       new_nodes: Iterable[int]) -> int:
         """Move task ``pid``'s pages on ``old_nodes`` to ``new_nodes`` (relative placement);
         return the number of pages that could not be moved."""
+        pid = argcheck.optional_pid(pid)
+        old = argcheck.nodemask(old_nodes)
+        # The kernel copies old_nodes first: if it cannot be read, that is the error.
+        new = argcheck.nodemask(new_nodes) if old is not argcheck.UNREADABLE_NODES else []
         mine = pid is None or pid == self.pid
         with self._req_lock:
             if mine:
                 self._drop_vpns(None)  # every translation: see move_pages
-            reply = self._call("migrate_pages", target=pid, old_nodes=_nodes_arg(old_nodes),
-                               new_nodes=_nodes_arg(new_nodes), flushed=mine)
+            reply = self._call("migrate_pages", target=pid, old_nodes=old, new_nodes=new,
+                               flushed=mine)
         return reply["not_migrated"]
 
     def sysctl(self, name: str, value: int | None = None) -> int:
         """Read (or, privileged, set) a cluster tunable such as ``migrate_batch``."""
+        name = argcheck.text("tunable", name, P.MAX_TEXT)
+        value = None if value is None else argcheck.signed("value", value)
         return self._sync_call("sysctl", name=name, value=value)["value"]
 
     @contextmanager
     def pin(self, addr: int, length: int):
         """Hold references on the pages of the range (get_user_pages): they cannot migrate
         until the block ends."""
-        pin = self._sync_call("pin", addr=_int_arg("addr", addr),
-                              length=_int_arg("length", length))["pin"]
+        addr, length = argcheck.address("addr", addr), argcheck.length("length", length)
+        pin = self._sync_call("pin", addr=addr, length=length)["pin"]
         try:
             yield
         finally:
@@ -601,7 +630,7 @@ class Task:
 
     def numa_maps(self, pid: int | None = None) -> str:
         """The task's ``/proc/<pid>/numa_maps`` text."""
-        return self._conn_call_pid("numa_maps", pid)["text"]
+        return self._conn_call_pid("numa_maps", argcheck.optional_pid(pid))["text"]
 
     def _conn_call_pid(self, op: str, pid: int | None) -> dict:
         with self._req_lock:
@@ -611,10 +640,7 @@ class Task:
 
     def sched_setaffinity(self, cpus: Iterable[int] | int) -> None:
         """Restrict the task to ``cpus``; the scheduler moves it if its CPU is not among them."""
-        cpu_list = [cpus] if isinstance(cpus, int) else _nodes_arg(cpus)
-        if cpu_list is UNREADABLE_NODES:
-            raise NumaError(errno.EFAULT, f"cannot read the CPU set {cpus!r}")
-        reply = self._sync_call("sched_setaffinity", cpus=cpu_list)
+        reply = self._sync_call("sched_setaffinity", cpus=argcheck.cpu_list(cpus))
         with self._access_lock:
             self._fold_stats()
             self.cpu, self.node = reply["cpu"], reply["node"]
@@ -770,49 +796,3 @@ class _Shootdown(threading.Thread):
         finally:
             sock.close(0)
 
-
-def _missing(ents: list, i0: int, i1: int) -> list[int]:
-    """TLB indices of ``[i0, i1)`` with no translation (``ents`` is the TLB's slice), at most
-    one request's worth: a huge access faults in slices, and an access far past a mapping
-    fails at its first unmapped page without listing the rest."""
-    cap = MAX_REQUEST_PAGES
-    out = [i0 + k for k, e in enumerate(ents) if e is None][:cap]
-    start = i0 + len(ents)
-    out += range(start, min(i1, start + cap - len(out)))
-    return out
-
-
-def _check_int(name: str, value: Any) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise NumaError(errno.EINVAL, f"{name} must be an integer, not {type(value).__name__}")
-
-
-def _int_arg(name: str, value: Any) -> int:
-    _check_int(name, value)
-    value = int(value)
-    if not -(1 << 63) <= value < 1 << 64:  # what a 64-bit register can hold
-        raise NumaError(errno.EINVAL, f"{name} {value} does not fit in 64 bits")
-    return value
-
-
-#: Sent in place of a node list the caller's object could not be read as: the coordinator
-#: reports EFAULT at the point where the kernel copies the nodemask, after checking the mode.
-UNREADABLE_NODES = "unreadable nodemask"
-
-
-def _nodes_arg(nodes: Any) -> Any:
-    """Nodes as a plain list of ints, or ``UNREADABLE_NODES`` (EFAULT in the coordinator)."""
-    if nodes is None:
-        return []
-    try:
-        out = []
-        for n in nodes:
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-                raise TypeError
-            n = int(n)
-            if not -(1 << 63) <= n < 1 << 63:
-                raise TypeError
-            out.append(n)
-    except TypeError:
-        return UNREADABLE_NODES
-    return out

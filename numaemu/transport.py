@@ -13,6 +13,7 @@ One socket, one thread: a Connection must be used by one thread at a time
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import time
@@ -94,7 +95,14 @@ class Connection:
             raise ClusterError("connection is closed")
         self._check_alive(req.op)
         seq = next(self._seq)
-        self.sock.send(P.encode_request(req, seq))
+        try:
+            raw = P.encode_request(req, seq)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A value msgpack cannot carry (an int beyond 64 bits, text that is no UTF-8):
+            # the call fails as the kernel fails arguments its types cannot hold.
+            raise NumaError(errno.EINVAL, f"{req.op}: an argument cannot be sent ({exc})") \
+                from None
+        self.sock.send(raw)
         deadline = time.monotonic() + timeout
         while True:
             events = dict(self._poller.poll(POLL_SLICE_MS))

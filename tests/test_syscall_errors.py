@@ -11,9 +11,12 @@ and a stopped cluster gives ``ClusterError`` quickly.
 from __future__ import annotations
 
 import errno
+import itertools
+import os
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
@@ -474,6 +477,161 @@ def test_munmap_of_an_unmapped_range_succeeds_without_effect(scene):
     assert scene.snapshot() == before
 
 
+# -- values the kernel's types cannot hold (numaemu.argcheck) ----------------------------------
+
+
+def _pin(t, addr, length):
+    with t.pin(addr, length):
+        pass
+
+
+VALUE_ERRORS = [
+    # lengths: beyond size_t is "more than the address space", as the call says it
+    ("mmap length 2**70", errno.ENOMEM, lambda t, m: t.mmap(2**70)),
+    ("mmap length 2**64-1", errno.ENOMEM, lambda t, m: t.mmap(2**64 - 1)),
+    ("mmap more than all memory", errno.ENOMEM, lambda t, m: t.mmap(1 << 40)),
+    ("mmap length a float", errno.EINVAL, lambda t, m: t.mmap(float(PS))),
+    ("mmap length True", errno.EINVAL, lambda t, m: t.mmap(True)),
+    ("mmap populate not a bool", errno.EINVAL, lambda t, m: t.mmap(PS, populate="yes")),
+    ("munmap length 2**64", errno.EINVAL, lambda t, m: t.munmap(m.addr, 2**64)),
+    ("munmap addr 2**64", errno.EINVAL, lambda t, m: t.munmap(2**64, PS)),
+    ("munmap past TASK_SIZE", errno.EINVAL, lambda t, m: t.munmap(m.addr, 1 << 63)),
+    ("munmap addr a float", errno.EINVAL, lambda t, m: t.munmap(float(m.addr), PS)),
+    ("msync length 2**64", errno.EINVAL, lambda t, m: t.msync(m.addr, 2**64)),
+    ("mbind length 2**64", errno.EINVAL, lambda t, m: t.mbind(m.addr, 2**64, MPOL_BIND, [0])),
+    ("mbind addr a float", errno.EINVAL,
+     lambda t, m: t.mbind(m.addr + 0.0, PS, MPOL_BIND, [0])),
+    ("mbind node 2**70", errno.EINVAL, lambda t, m: t.mbind(m.addr, PS, MPOL_BIND, [2**70])),
+    ("mbind more nodes than MAX_NUMNODES", errno.EINVAL,
+     lambda t, m: t.mbind(m.addr, PS, MPOL_BIND, [0] * (MAX_NUMNODES + 1))),
+    ("set_mempolicy endless node list", errno.EINVAL,
+     lambda t, m: t.set_mempolicy(MPOL_BIND, itertools.count())),
+    ("set_mempolicy mode 2**64", errno.EINVAL, lambda t, m: t.set_mempolicy(2**64, [0])),
+    ("set_mempolicy flags 2**70", errno.EINVAL,
+     lambda t, m: t.set_mempolicy(MPOL_BIND, [0], flags=2**70)),
+    ("set_mempolicy mode a float", errno.EINVAL, lambda t, m: t.set_mempolicy(2.0, [0])),
+    ("get_mempolicy addr 2**64", errno.EINVAL, lambda t, m: t.get_mempolicy(2**64, MPOL_F_ADDR)),
+    ("get_mempolicy addr a float", errno.EINVAL,
+     lambda t, m: t.get_mempolicy(m.addr + 0.0, MPOL_F_ADDR)),
+    ("get_mempolicy addr True", errno.EINVAL, lambda t, m: t.get_mempolicy(True, MPOL_F_ADDR)),
+    # move_pages: pages is an array of pointers; something else in it makes it unreadable
+    ("move_pages address 2**64", errno.EFAULT, lambda t, m: t.move_pages([2**64])),
+    ("move_pages address a float", errno.EFAULT, lambda t, m: t.move_pages([m.addr + 0.5], [1])),
+    ("move_pages address True", errno.EFAULT, lambda t, m: t.move_pages([True])),
+    ("move_pages address a decimal string", errno.EFAULT,
+     lambda t, m: t.move_pages([str(m.addr)])),
+    ("move_pages node 2**70", errno.ENODEV, lambda t, m: t.move_pages([m.addr], [2**70])),
+    ("move_pages node a float", errno.EFAULT, lambda t, m: t.move_pages([m.addr], [1.0])),
+    ("move_pages pid 2**70", errno.EINVAL, lambda t, m: t.move_pages([m.addr], pid=2**70)),
+    ("move_pages pid a float", errno.EINVAL, lambda t, m: t.move_pages([m.addr], pid=1.0)),
+    ("migrate_pages pid 2**70", errno.EINVAL, lambda t, m: t.migrate_pages(2**70, [0], [1])),
+    ("migrate_pages new node 2**70", errno.EINVAL,
+     lambda t, m: t.migrate_pages(None, [0], [2**70])),
+    ("migrate_pages old unreadable before new too big", errno.EFAULT,
+     lambda t, m: t.migrate_pages(None, ["0"], [2**70])),
+    ("migrate_pages more nodes than MAX_NUMNODES", errno.EINVAL,
+     lambda t, m: t.migrate_pages(None, range(MAX_NUMNODES + 1), [1])),
+    ("pin length 2**64", errno.EINVAL, lambda t, m: _pin(t, m.addr, 2**64)),
+    ("pin past the mapping", errno.EFAULT, lambda t, m: _pin(t, m.addr, 1 << 40)),
+    ("pin length a float", errno.EINVAL, lambda t, m: _pin(t, m.addr, 1.5)),
+    # read/write: bad types EINVAL (also on the TLB-hit fast path), out of the space EFAULT
+    ("read length 2**70", errno.EFAULT, lambda t, m: t.read(m.addr, 2**70)),
+    ("read length 2**40", errno.EFAULT, lambda t, m: t.read(m.addr, 1 << 40)),
+    ("read length a float, TLB hit", errno.EINVAL, lambda t, m: t.read(m.addr, 1.0)),
+    ("read length True, TLB hit", errno.EINVAL, lambda t, m: t.read(m.addr, True)),
+    ("read addr a float", errno.EINVAL, lambda t, m: t.read(float(m.addr), 1)),
+    ("write addr a float, TLB hit", errno.EINVAL, lambda t, m: t.write(float(m.addr), b"x")),
+    ("write addr True", errno.EINVAL, lambda t, m: t.write(True, b"x")),
+    ("write addr 2**70", errno.EFAULT, lambda t, m: t.write(2**70, b"x")),
+    ("write data a str", errno.EINVAL, lambda t, m: t.write(m.addr, "x")),
+    ("sched_setaffinity cpu 2**70", errno.EINVAL, lambda t, m: t.sched_setaffinity([2**70])),
+    ("sched_setaffinity more than CPU_SETSIZE cpus", errno.EINVAL,
+     lambda t, m: t.sched_setaffinity([0] * 1025)),
+    ("numa_maps pid 2**70", errno.EINVAL, lambda t, m: t.numa_maps(pid=2**70)),
+    ("numa_maps pid a str", errno.EINVAL, lambda t, m: t.numa_maps(pid="1")),
+    ("sysctl value 2**70", errno.EINVAL, lambda t, m: t.sysctl("migrate_batch", 2**70)),
+    ("sysctl value a float", errno.EINVAL, lambda t, m: t.sysctl("migrate_batch", 8.0)),
+    ("sysctl name not a str", errno.EINVAL, lambda t, m: t.sysctl(b"migrate_batch")),
+    ("inject_delays negative", errno.EINVAL, lambda t, m: t.inject_delays(-1.0)),
+    ("inject_delays nan", errno.EINVAL, lambda t, m: t.inject_delays(float("nan"))),
+    ("inject_delays a str", errno.EINVAL, lambda t, m: t.inject_delays("2")),
+    # names: shm_open's rules
+    ("shared name of 1 MB", errno.ENAMETOOLONG, lambda t, m: t.mmap(PS, shared="x" * 10**6)),
+    ("shared name of 256 bytes in 128 characters", errno.ENAMETOOLONG,
+     lambda t, m: t.mmap(PS, shared="\u00e9" * 128)),
+    ("shared name with a NUL", errno.EINVAL, lambda t, m: t.mmap(PS, shared="a\0b")),
+    ("shared name ..", errno.EINVAL, lambda t, m: t.mmap(PS, shared="..")),
+    ("shared name bytes", errno.EINVAL, lambda t, m: t.mmap(PS, shared=b"name")),
+    ("shared name a lone surrogate", errno.EINVAL, lambda t, m: t.mmap(PS, shared="\ud800")),
+    ("shm_unlink name of 1 MB", errno.ENAMETOOLONG, lambda t, m: t.shm_unlink("x" * 10**6)),
+    ("shm_unlink name with a slash", errno.EINVAL, lambda t, m: t.shm_unlink("a/b")),
+    ("shm_unlink name not a str", errno.EINVAL, lambda t, m: t.shm_unlink(5)),
+    ("file not a path", errno.EINVAL, lambda t, m: t.mmap(PS, file=5)),
+    ("file path with a NUL", errno.EINVAL, lambda t, m: t.mmap(PS, file="/tmp/a\0b")),
+    ("file name over NAME_MAX", errno.ENAMETOOLONG,
+     lambda t, m: t.mmap(PS, file="/tmp/" + "x" * 256)),
+    ("file path over PATH_MAX", errno.ENAMETOOLONG,
+     lambda t, m: t.mmap(PS, file="/tmp/" + "a/" * 2100 + "f")),
+    ("file under a regular file", errno.ENOTDIR,
+     lambda t, m: t.mmap(PS, file=__file__ + "/x")),
+]
+
+
+@pytest.mark.parametrize(("err", "call"), [c[1:] for c in VALUE_ERRORS],
+                         ids=[c[0] for c in VALUE_ERRORS])
+def test_values_the_kernel_types_cannot_hold_fail_and_change_nothing(scene, err, call):
+    unchanged(scene, err, call)
+
+
+def test_mmap_of_a_length_beyond_64_bits_is_enomem(task):
+    expect_errno(errno.ENOMEM, task.mmap, 2**70)
+    assert task.numa_maps() == ""
+
+
+def test_munmap_of_a_length_beyond_64_bits_is_einval(scene):
+    unchanged(scene, errno.EINVAL, lambda t, m: t.munmap(m.addr, 2**64))
+
+
+def test_move_pages_of_an_address_beyond_64_bits_is_efault(scene):
+    unchanged(scene, errno.EFAULT, lambda t, m: t.move_pages([m.addr, 2**64]))
+
+
+def test_move_pages_rejects_a_float_address_and_moves_nothing(scene):
+    t, m = scene.task, scene.m
+    expect_errno(errno.EFAULT, t.move_pages, [m.addr + 0.5], [1])
+    assert t.move_pages([m.addr]) == [0]
+
+
+def test_shared_name_longer_than_name_max_is_enametoolong(task):
+    expect_errno(errno.ENAMETOOLONG, task.mmap, PS, shared="x" * 10**6)
+    expect_errno(errno.ENAMETOOLONG, task.mmap, PS, shared="x" * 256)
+    m = task.mmap(PS, shared="x" * 255)  # NAME_MAX itself is fine
+    task.write(m.addr, b"ok")
+    task.munmap(m.addr, m.length)
+    task.shm_unlink("x" * 255)
+    expect_errno(errno.ENAMETOOLONG, task.shm_unlink, "x" * 256)
+
+
+def test_mapping_a_fifo_is_enodev_and_does_not_block(task, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    expect_errno(errno.ENODEV, task.mmap, PS, file=fifo)
+    assert time.monotonic() - start < 5.0
+    assert task.numa_maps() == ""
+
+
+def test_numpy_integers_are_integers(scene):
+    t, m = scene.task, scene.m
+    addr = np.uint64(m.addr)
+    assert t.read(addr, np.int64(4)) == b"data"
+    t.write(np.int64(m.page(3)), b"np")
+    assert t.read(m.page(3), 2) == b"np"
+    assert t.move_pages(np.array(m.pages[:1], dtype=np.int64)) == [0]
+    assert t.get_mempolicy(np.int32(m.addr) if m.addr < 2**31 else np.int64(m.addr),
+                           MPOL_F_ADDR) == (MPOL_DEFAULT, set())
+
+
 # -- malformed wire messages -------------------------------------------------------------------
 
 
@@ -539,6 +697,55 @@ def test_malformed_messages_get_einval_and_the_cluster_keeps_working(cluster, sc
         t.write(m.addr, b"ok")
         assert t.read(m.addr, 2) == b"ok"
         assert t.move_pages([m.addr]) == [1]
+
+
+def test_values_beyond_the_kernel_types_on_the_wire_get_errno_replies(cluster, scene):
+    """A raw client's values reach no handler unchecked: each gets its errno, none the
+    generic "coordinator error", and nothing changes."""
+    pid, m = scene.task.pid, scene.m
+    top = 2**64 - 1  # the largest integer msgpack carries
+    cases = {
+        "addr negative": (errno.EINVAL, {"op": "munmap", "addr": -PS, "length": PS}),
+        "pid beyond int64": (errno.EINVAL, {"op": "numa_maps", "pid": top}),
+        "mode beyond int64": (errno.EINVAL, {"op": "set_mempolicy", "mode": top}),
+        "mmap length 2**64-1": (errno.ENOMEM, {"op": "mmap", "length": top}),
+        "mmap shared name of 300 bytes": (errno.ENAMETOOLONG,
+                                          {"op": "mmap", "length": PS, "shared": "x" * 300}),
+        "mmap shared name with a NUL": (errno.EINVAL,
+                                        {"op": "mmap", "length": PS, "shared": "a\0"}),
+        "mmap relative file": (errno.EINVAL, {"op": "mmap", "length": PS, "file": "f"}),
+        "munmap length 2**64-1": (errno.EINVAL, {"op": "munmap", "addr": m.addr, "length": top}),
+        "mbind node 2**64-1": (errno.EINVAL, {"op": "mbind", "addr": m.addr, "length": PS,
+                                              "mode": MPOL_BIND, "nodes": [top]}),
+        "mbind 1025 nodes": (errno.EINVAL, {"op": "mbind", "addr": m.addr, "length": PS,
+                                            "mode": MPOL_BIND, "nodes": [0] * 1025}),
+        "set_mempolicy nodes a map": (errno.EFAULT, {"op": "set_mempolicy", "mode": MPOL_BIND,
+                                                     "nodes": {"0": 1}}),
+        "move_pages node 2**64-1": (errno.ENODEV, {
+            "op": "move_pages", "target": None, "pages": np.array(m.pages, "<u8").tobytes(),
+            "nodes": [top] * 4, "flags": MPOL_MF_MOVE}),
+        "move_pages nodes too few": (errno.EINVAL, {
+            "op": "move_pages", "target": None, "pages": np.array(m.pages, "<u8").tobytes(),
+            "nodes": [1], "flags": MPOL_MF_MOVE}),
+        "migrate_pages 1025 nodes": (errno.EINVAL, {"op": "migrate_pages", "target": None,
+                                                    "old_nodes": [0] * 1025, "new_nodes": [1]}),
+        "pin far past the mapping": (errno.EFAULT, {"op": "pin", "addr": m.addr,
+                                                    "length": 1 << 46}),
+        "cpus 1025 entries": (errno.EINVAL, {"op": "sched_setaffinity", "cpus": [0] * 1025}),
+        "shm_unlink name of 300 bytes": (errno.ENAMETOOLONG,
+                                         {"op": "shm_unlink", "name": "x" * 300}),
+        "inject_fault delay nan": (errno.EINVAL, {"op": "inject_fault", "node": 0,
+                                                  "request": "alloc", "delay": float("nan")}),
+        "command of 1 MB": (errno.EINVAL, {"op": "attach", "os_pid": 1, "host": "h", "uid": 0,
+                                           "command": "x" * 10**6}),
+    }
+    before = scene.snapshot()
+    payloads = [pack({"seq": i, "pid": pid, **body})
+                for i, (_, body) in enumerate(cases.values())]
+    for (name, (err, _)), reply in zip(cases.items(), raw_exchange(cluster.address, payloads)):
+        assert (reply["ok"], reply.get("errno")) == (False, err), (name, reply)
+        assert "coordinator error" not in reply["error"], (name, reply)
+    assert scene.snapshot() == before
 
 
 def test_syscall_for_an_unknown_pid_on_the_wire_is_esrch(cluster):
