@@ -145,16 +145,15 @@ class CredRouter(zmq.asyncio.Socket):
                 address = frames[-1].get("Peer-Address")
             except zmq.ZMQError:
                 address = None
-            cred = parse_peer_address(self.transport, address)
             known = self.peers.get(ident)
-            if known is not None and known != cred:
-                log.warning("routing id %s of %s reused by %s: message dropped", ident.hex(),
-                            known, cred)
-                continue
             if known is None:
-                self.peers[ident] = cred
+                self.peers[ident] = parse_peer_address(self.transport, address)
                 if len(self.peers) > self._prune_at:
                     self._prune()
+            elif known.address != (address or ""):
+                log.warning("routing id %s of %s reused by %s: message dropped", ident.hex(),
+                            known, parse_peer_address(self.transport, address))
+                continue
             self._seen[ident] = time.monotonic()
             return [f.bytes for f in frames] if copy else frames
 
