@@ -652,6 +652,19 @@ def raw_exchange(address: str, payloads: list[bytes], timeout: float = 5.0) -> l
         sock.close(0)
 
 
+def own_exchange(task, payloads: list[bytes], timeout: float = 5.0) -> list[dict]:
+    """Send each payload on ``task``'s own connection (the only one its pid is served on:
+    coordinator/creds.py) and collect one reply per payload."""
+    with task._req_lock:
+        sock = task._conn.sock
+        replies = []
+        for raw in payloads:
+            sock.send(raw)
+            assert sock.poll(timeout * 1000), f"no reply to {raw[:40]!r}"
+            replies.append(msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False))
+        return replies
+
+
 def pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -742,7 +755,7 @@ def test_values_beyond_the_kernel_types_on_the_wire_get_errno_replies(cluster, s
     before = scene.snapshot()
     payloads = [pack({"seq": i, "pid": pid, **body})
                 for i, (_, body) in enumerate(cases.values())]
-    for (name, (err, _)), reply in zip(cases.items(), raw_exchange(cluster.address, payloads)):
+    for (name, (err, _)), reply in zip(cases.items(), own_exchange(scene.task, payloads)):
         assert (reply["ok"], reply.get("errno")) == (False, err), (name, reply)
         assert "coordinator error" not in reply["error"], (name, reply)
     assert scene.snapshot() == before
