@@ -167,11 +167,12 @@ class Kernel:
                                            return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            self.free += per_node
             for n, r in zip(wanted, results):
-                if not isinstance(r, BaseException) and n not in self.offline:
+                if n in self.offline:
+                    continue  # it died meanwhile: nothing of it is free any more
+                self.free[n] += per_node[n]
+                if not isinstance(r, BaseException):
                     self.pcp[n] = np.concatenate((r, self.pcp[n]))
-            self.free[list(self.offline)] = 0  # a node that died meanwhile has nothing free
             raise NumaError(12, f"frame allocation failed: {failed[0]}")
         for key, per in plan.numastat_deltas(cpu_node, self.num_nodes).items():
             for n in np.flatnonzero(per).tolist():

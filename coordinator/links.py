@@ -89,7 +89,7 @@ class Peer:
         fut = asyncio.get_running_loop().create_future()
         self.pending[seq] = fut
         try:
-            await self._send(req, seq)
+            await self.send(req, seq)
             reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise PeerGone(f"{self.name} did not answer {req.op} within {timeout} s") from None
@@ -109,11 +109,13 @@ class Peer:
         if self.gone:
             return
         try:
-            await self._send(req, 0)
+            await self.send(req, 0)
         except PeerGone:
             pass  # the peer has been failed: its owner handles the loss
 
-    async def _send(self, req: Any, seq: int) -> None:
+    async def send(self, req: Any, seq: int) -> None:
+        """Send ``req`` numbered ``seq``; a failed send fails the peer and raises
+        ``PeerGone`` (for callers that await the reply themselves, like the shootdown)."""
         try:
             await send_bounded(self.sock, [self.ident, P.encode_request(req, seq)])
         except (zmq.ZMQError, PeerGone) as exc:  # EHOSTUNREACH with ROUTER_MANDATORY: gone

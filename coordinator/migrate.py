@@ -217,8 +217,6 @@ class _NodeLost(Exception):
         self.errno = err
 
 
-
-
 class _Batch:
     """One (source node, target node) batch of isolated pages on its way through steps 1-20."""
 
@@ -232,7 +230,7 @@ class _Batch:
         self.record = None  # the migration entries of step 5
         self.go_idx = np.empty(0, dtype=np.int64)  # the pages that entered step 3
         self.flags_moved = np.zeros(n, dtype=bool)  # step 13 done
-        self.freed = np.zeros(n, dtype=bool)  # freed under us before we started
+        self.freed = np.zeros(n, dtype=bool)  # freed under us before we started (run)
         self.told, self.tnew = kernel.tables[src], kernel.tables[dst]
 
     def check_nodes(self) -> None:
@@ -247,7 +245,7 @@ class _Batch:
         """A point between two steps: fail here if a test asked for it (``inject_fault`` with
         request ``migrate_step_N``) and some page of the batch is still on its way."""
         left = self.kernel.inject_steps.get(step, 0)
-        if left and (self.rc == 0).any():
+        if left and ((self.rc == 0) & ~self.freed).any():
             self.kernel.inject_steps[step] = left - 1
             raise InjectedFailure(f"injected failure at migration step {step}")
 
@@ -259,7 +257,7 @@ class _Batch:
         """Undo the pages of ``which`` (default: every page) that have not committed, without
         an await (see above), and fail them with ``err``."""
         k, src, dst, told, tnew = self.kernel, self.src, self.dst, self.told, self.tnew
-        sel = self.stage < COMMITTED
+        sel = (self.stage < COMMITTED) & ~self.freed
         if which is not None:
             sel &= which
         # Steps 13-14 back: the flags that travelled return to the old page.
@@ -290,11 +288,10 @@ class _Batch:
                                         self.tnew)
         self.check_nodes()
         # A page whose only reference is ours was freed under us: nothing to move, just drop it.
-        gone = (told.refcount[old] == 1) & (told.mapcount[old] == 0) & (told.mapping[old] == 0)
-        if gone.any():
-            self.stage[gone] = COMMITTED  # nothing to undo; step 20 drops our reference
-            self.freed = gone
-        live = ~gone
+        # (Those pages keep rc 0 and no stage: nothing to undo; step 20 drops our reference.)
+        self.freed = (told.refcount[old] == 1) & (told.mapcount[old] == 0) & (
+            told.mapping[old] == 0)
+        live = ~self.freed
 
         # new_page_t: the target frames, for the whole batch at once.
         try:
@@ -447,11 +444,9 @@ class _Batch:
         """Steps 19-20, whatever happened before: unlock, put the moved pages back on the
         target's LRU, free the old frames of moved pages and the new frames of the rest."""
         k, src, dst = self.kernel, self.src, self.dst
-        moved = (self.stage == COMMITTED) & ~self.freed
+        moved = self.stage == COMMITTED
         # Step 19: unlock old and new; everyone waiting on them redoes its fault.
-        prepared = self.stage >= PREPARED
-        prepared &= self.new >= 0
-        k.locks.unlock(dst, self.new[prepared])
+        k.locks.unlock(dst, self.new[self.stage >= PREPARED])
         woke = k.locks.unlock(src, self.old[self.locked])
         with_waiters = np.zeros(len(self.old), dtype=bool)
         with_waiters[np.flatnonzero(self.locked)[woke]] = True

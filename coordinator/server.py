@@ -110,8 +110,10 @@ class Coordinator:
                 socks[name] = sock
             log.info("coordinator listening on %s", self.endpoints["rpc"])
             loops = {"serve_rpc": lambda: self.serve(socks["rpc"], self.on_rpc),
-                     "serve_tlb": lambda: self.serve(socks["tlb"], self.on_tlb),
-                     "serve_nodes": lambda: self.serve(socks["nodes"], self.on_node),
+                     "serve_tlb": lambda: self.serve(socks["tlb"],
+                                                     self.one_frame("tlb", self.on_tlb)),
+                     "serve_nodes": lambda: self.serve(socks["nodes"],
+                                                       self.one_frame("node", self.on_node)),
                      "ping_nodes": self.ping_nodes, "reap_dead": self.reap_dead,
                      "flusher": self.flusher, "stall_monitor": self.stall_monitor}
             workers = [asyncio.ensure_future(self.watchdog(name, fn))
@@ -237,68 +239,69 @@ class Coordinator:
             reply = P.error_reply(seq, errno.EIO, f"coordinator error: {exc!r}")
         await self.reply(sock, ident, reply)
 
+    def one_frame(self, kind: str, handler):
+        """A message handler for the tlb and nodes sockets: one-frame msgpack maps only; a
+        malformed one is logged and, unless it was a reply, answered with EINVAL."""
+
+        async def on_message(sock, frames: list) -> None:
+            if len(frames) != 2:
+                return
+            ident, raw = frames
+            obj: dict = {}
+            try:
+                obj = P.unpack(raw)
+                await handler(sock, ident, obj)
+            except ProtocolError as exc:
+                log.warning("malformed %s message: %s", kind, exc)
+                if "re" not in obj:
+                    await self.reply(sock, ident, P.protocol_error_reply(obj, exc))
+
+        return on_message
+
     # -- tlb -----------------------------------------------------------------------
-    async def on_tlb(self, sock, frames: list) -> None:
-        if len(frames) != 2:
+    async def on_tlb(self, sock, ident: bytes, obj: dict) -> None:
+        if "re" in obj:  # an invalidate ack
+            pid = self._tlb_owner.get(ident)
+            task = self.kernel.tasks.get(pid)
+            if task is not None and task.tlb is not None and task.tlb.ident == ident:
+                task.last_seen = time.monotonic()
+                task.tlb.on_reply(obj)
             return
-        ident, raw = frames
-        obj: dict = {}
-        try:
-            obj = P.unpack(raw)
-            if "re" in obj:  # an invalidate ack
-                pid = self._tlb_owner.get(ident)
-                task = self.kernel.tasks.get(pid)
-                if task is not None and task.tlb is not None and task.tlb.ident == ident:
-                    task.last_seen = time.monotonic()
-                    task.tlb.on_reply(obj)
-                return
-            req = P.decode_request(obj)
-            if req.op not in ("tlb_hello", "heartbeat"):
-                raise ProtocolError(f"{req.op!r} is not a tlb message")
-            task = self.kernel.tasks.get(req.pid)
-            if task is None or task.exiting:
-                if req.op == "tlb_hello":
-                    await self.reply(sock, ident, P.error_reply(
-                        obj.get("seq"), errno.ESRCH, "no such task"))
-                return
-            refused = creds.check_tlb_peer(task, creds.peer_of(sock, ident))
-            if refused is not None:  # a stranger's hello or heartbeat for this task
-                log.warning("tlb %s refused: %s", req.op, refused)
-                await self.reply(sock, ident, P.error_reply(obj.get("seq"), errno.EPERM, refused))
-                return
-            task.last_seen = time.monotonic()
+        req = P.decode_request(obj)
+        if req.op not in ("tlb_hello", "heartbeat"):
+            raise ProtocolError(f"{req.op!r} is not a tlb message")
+        task = self.kernel.tasks.get(req.pid)
+        if task is None or task.exiting:
             if req.op == "tlb_hello":
-                task.tlb = Peer(sock, ident, f"task {task.pid}")
-                self._tlb_owner[ident] = task.pid
-                await self.reply(sock, ident, P.ok_reply(obj.get("seq")))
-        except ProtocolError as exc:
-            log.warning("malformed tlb message: %s", exc)
-            if "re" not in obj and "seq" in obj:
-                await self.reply(sock, ident, P.protocol_error_reply(obj, exc))
+                await self.reply(sock, ident, P.error_reply(
+                    obj.get("seq"), errno.ESRCH, "no such task"))
+            return
+        refused = creds.check_tlb_peer(task, creds.peer_of(sock, ident))
+        if refused is not None:  # a stranger's hello or heartbeat for this task
+            log.warning("tlb %s refused: %s", req.op, refused)
+            await self.reply(sock, ident, P.error_reply(obj.get("seq"), errno.EPERM, refused))
+            return
+        task.last_seen = time.monotonic()
+        if req.op == "tlb_hello":
+            task.tlb = Peer(sock, ident, f"task {task.pid}")
+            self._tlb_owner[ident] = task.pid
+            await self.reply(sock, ident, P.ok_reply(obj.get("seq")))
 
     # -- nodes ---------------------------------------------------------------------
-    async def on_node(self, sock, frames: list) -> None:
-        if len(frames) != 2:
-            return
-        ident, raw = frames
-        obj: dict = {}
-        try:
-            obj = P.unpack(raw)
-            node = self._node_by_ident.get(ident)
-            info = self.kernel.nodes.get(node) if node is not None else None
-            if info is not None and info.peer.ident == ident:
-                info.last_heard = time.monotonic()
+    async def on_node(self, sock, ident: bytes, obj: dict) -> None:
+        node = self._node_by_ident.get(ident)
+        info = self.kernel.nodes.get(node) if node is not None else None
+        if info is not None and info.peer.ident == ident:
+            info.last_heard = time.monotonic()
             if "re" in obj:
-                if info is not None and info.peer.ident == ident:
-                    info.peer.on_reply(obj)
+                info.peer.on_reply(obj)
                 return
-            req = P.decode_request(obj)
-            if req.op != "register":
-                raise ProtocolError(f"nodes may only register, not {req.op!r}")
-            await self.reply(sock, ident, self.register(sock, ident, req, obj.get("seq")))
-        except ProtocolError as exc:
-            log.warning("malformed node message: %s", exc)
-            await self.reply(sock, ident, P.protocol_error_reply(obj, exc))
+        if "re" in obj:
+            return
+        req = P.decode_request(obj)
+        if req.op != "register":
+            raise ProtocolError(f"nodes may only register, not {req.op!r}")
+        await self.reply(sock, ident, self.register(sock, ident, req, obj.get("seq")))
 
     def register(self, sock, ident: bytes, req: P.Register, seq) -> bytes:
         refused = creds.check_register(req, creds.peer_of(sock, ident))

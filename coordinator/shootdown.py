@@ -71,7 +71,7 @@ async def _invalidate(kernel, task, peer, vpns: np.ndarray, write_only: bool) ->
         fut = asyncio.get_running_loop().create_future()
         peer.pending[seq] = fut
         try:
-            await peer._send(req, seq)
+            await peer.send(req, seq)
             sent = time.monotonic()
             while True:
                 try:

@@ -50,8 +50,6 @@ log = logging.getLogger("numaemu.client")
 
 HEARTBEAT = 1.0
 STOP_POLL_MS = 50
-#: Most pages one fault request asks for (256 MiB): a huge access faults in rounds.
-FAULT_BATCH = MAX_REQUEST_PAGES
 
 
 class MoveResult(list):
@@ -290,10 +288,10 @@ class Task:
     @staticmethod
     def _missing(ents: list, i0: int, i1: int) -> list[int]:
         """TLB indices of ``[i0, i1)`` without a translation (``ents`` is the TLB's slice),
-        at most FAULT_BATCH of them: one fault request."""
-        missing = [i0 + k for k, e in enumerate(ents) if e is None][:FAULT_BATCH]
+        at most MAX_REQUEST_PAGES of them: one fault request."""
+        missing = [i0 + k for k, e in enumerate(ents) if e is None][:MAX_REQUEST_PAGES]
         first = i0 + len(ents)
-        missing += range(first, min(i1, first + FAULT_BATCH - len(missing)))
+        missing += range(first, min(i1, first + MAX_REQUEST_PAGES - len(missing)))
         return missing
 
     def _account(self, i0: int, i1: int, first_off: int, last_end: int) -> float:

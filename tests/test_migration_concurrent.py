@@ -53,6 +53,18 @@ def _incrementer(task, name: str, slot: int, pages: int):
     return rounds, task.stats()["migration_waits"]
 
 
+def assert_increments(task, mapping, rounds: list[int]) -> None:
+    """Each page of ``mapping`` holds every incrementer's count in its slot, and nothing
+    else changed (the flags live in the first page)."""
+    clients = len(rounds)
+    for p in range(mapping.length // PS):
+        page = task.read(mapping.page(p), PS)
+        for slot, count in enumerate(rounds):
+            assert int.from_bytes(page[slot * 8 : slot * 8 + 8], "little") == count
+        rest = page[clients * 8 : STOP] if p == 0 else page[clients * 8 :]
+        assert rest == bytes(len(rest)), "a byte nobody wrote changed"
+
+
 def _pingpong(task_, pid, addrs, until, flags=MPOL_MF_MOVE_ALL):
     """Move ``addrs`` of task ``pid`` between nodes 0 and 1 until ``until()``; return
     (moves, failures)."""
@@ -130,12 +142,7 @@ def test_increments_are_exact_while_their_pages_keep_moving(cluster, root):
         for node in (0, 1):
             root._sync_call("inject_fault", node=node, request="copy_in", count=0, delay=0.01)
     results = [w.join(60) for w in workers]
-    for p in range(pages):
-        page = root.read(mine.page(p), PS)
-        for slot, (rounds, _) in enumerate(results):
-            assert int.from_bytes(page[slot * 8 : slot * 8 + 8], "little") == rounds
-        rest = page[clients * 8 : STOP] if p == 0 else page[clients * 8 :]
-        assert rest == bytes(len(rest)), "a byte nobody wrote changed"
+    assert_increments(root, mine, [rounds for rounds, _ in results])
     assert moves == moves_wanted and failures == 0
     assert all(rounds > 0 for rounds, _ in results)
     assert sum(waits for _, waits in results) > 0, "no client waited on a migrating page"

@@ -99,24 +99,29 @@ def test_a_killed_node_is_offline_within_a_second_and_its_pages_are_poisoned(clu
     assert cluster3.check() == []
 
 
-def _mover(task, addrs, node):
-    return list(task.move_pages(addrs, [node] * len(addrs), MPOL_MF_MOVE))
+def move_while_a_node_dies(cluster, root, m, target: int, slow: int, dying: int):
+    """Move ``m``'s pages to ``target`` while the copy sleeps in node ``slow``, and SIGKILL
+    node ``dying`` meanwhile; return the move's statuses and how long it took after the
+    kill."""
+    root._sync_call("inject_fault", node=slow, request="copy_in", count=1, delay=5.0)
+    result = {}
+    mover = threading.Thread(target=lambda: result.update(
+        status=root.move_pages(m.pages, [target] * len(m.pages), MPOL_MF_MOVE)))
+    mover.start()
+    time.sleep(0.5)  # the copy is now sleeping in node ``slow``
+    os.kill(node_pid(cluster, dying), signal.SIGKILL)
+    killed = time.monotonic()
+    mover.join(10)
+    assert not mover.is_alive()
+    return list(result["status"]), time.monotonic() - killed
 
 
 def test_a_migration_to_a_node_that_dies_mid_copy_backs_out(cluster3):
     root = cluster3.attach(cpu=0, privileged=True)
     m = fill(root, 0, 16, b"survives")
-    root._sync_call("inject_fault", node=1, request="copy_in", count=1, delay=5.0)
-    result = {}
-    mover = threading.Thread(target=lambda: result.update(
-        status=root.move_pages(m.pages, [1] * 16, MPOL_MF_MOVE)))
-    mover.start()
-    time.sleep(0.5)  # the copy is now sleeping in node 1
-    os.kill(node_pid(cluster3, 1), signal.SIGKILL)
-    killed = time.monotonic()
-    mover.join(10)
-    assert not mover.is_alive() and time.monotonic() - killed < 2.0
-    assert list(result["status"]) == [0] * 16  # the pages stayed where they were
+    status, took = move_while_a_node_dies(cluster3, root, m, target=1, slow=1, dying=1)
+    assert took < 2.0
+    assert status == [0] * 16  # the pages stayed where they were
     assert all(root.read(p, 8) == b"survives" for p in m.pages)
     root.write(m.addr, b"writable")
     assert root.read(m.addr, 8) == b"writable"
@@ -126,16 +131,8 @@ def test_a_migration_to_a_node_that_dies_mid_copy_backs_out(cluster3):
 def test_a_migration_from_a_node_that_dies_mid_copy_ends_in_eio(cluster3):
     root = cluster3.attach(cpu=0, privileged=True)
     m = fill(root, 1, 8, b"doomed!!")
-    root._sync_call("inject_fault", node=0, request="copy_in", count=1, delay=5.0)
-    result = {}
-    mover = threading.Thread(target=lambda: result.update(
-        status=root.move_pages(m.pages, [0] * 8, MPOL_MF_MOVE)))
-    mover.start()
-    time.sleep(0.5)
-    os.kill(node_pid(cluster3, 1), signal.SIGKILL)
-    mover.join(10)
-    assert not mover.is_alive()
-    assert list(result["status"]) == [-errno.EIO] * 8
+    status, _ = move_while_a_node_dies(cluster3, root, m, target=0, slow=0, dying=1)
+    assert status == [-errno.EIO] * 8
     with pytest.raises(NumaError) as info:
         root.read(m.addr, 8)
     assert info.value.errno == errno.EIO

@@ -635,34 +635,32 @@ def test_numpy_integers_are_integers(scene):
 # -- malformed wire messages -------------------------------------------------------------------
 
 
+def exchange(sock, payloads: list[bytes], timeout: float = 5.0) -> list[dict]:
+    """Send each payload on ``sock`` and collect one reply per payload."""
+    replies = []
+    for raw in payloads:
+        sock.send(raw)
+        assert sock.poll(timeout * 1000), f"no reply to {raw[:40]!r}"
+        replies.append(msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False))
+    return replies
+
+
 def raw_exchange(address: str, payloads: list[bytes], timeout: float = 5.0) -> list[dict]:
-    """Send each payload from a bare DEALER and collect one reply per payload."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    """``exchange`` from a bare DEALER."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(address)
-        replies = []
-        for raw in payloads:
-            sock.send(raw)
-            assert sock.poll(timeout * 1000), f"no reply to {raw[:40]!r}"
-            replies.append(msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False))
-        return replies
+        return exchange(sock, payloads, timeout)
     finally:
         sock.close(0)
 
 
 def own_exchange(task, payloads: list[bytes], timeout: float = 5.0) -> list[dict]:
-    """Send each payload on ``task``'s own connection (the only one its pid is served on:
-    coordinator/creds.py) and collect one reply per payload."""
+    """``exchange`` on ``task``'s own connection (the only one its pid is served on:
+    coordinator/creds.py)."""
     with task._req_lock:
-        sock = task._conn.sock
-        replies = []
-        for raw in payloads:
-            sock.send(raw)
-            assert sock.poll(timeout * 1000), f"no reply to {raw[:40]!r}"
-            replies.append(msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False))
-        return replies
+        return exchange(task._conn.sock, payloads, timeout)
 
 
 def pack(obj) -> bytes:
