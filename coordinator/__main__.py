@@ -4,6 +4,7 @@ import argparse
 import json
 
 from numaemu import log as numaemu_log
+from numaemu.keys import Keys
 from numaemu.rundir import RunDir
 from numaemu.topology import Topology
 
@@ -23,10 +24,12 @@ def main(argv=None) -> int:
     numaemu_log.set_where("coordinator")
     for h in logging.getLogger().handlers:
         h.addFilter(numaemu_log.WhereFilter("coordinator"))
-    print(json.dumps({"address": run.endpoints()["rpc"], "cluster_id": run.cluster_id}),
-          flush=True)
+    keys = Keys.create(run.keys_dir).directory if args.listen else None
+    print(json.dumps({"address": run.endpoints()["rpc"], "cluster_id": run.cluster_id,
+                      "keys": keys}), flush=True)
     try:
-        run_coordinator(Topology.load(args.topology), run.cluster_id, run.endpoints())
+        run_coordinator(Topology.load(args.topology), run.cluster_id, run.endpoints(),
+                        keys=keys)
     finally:
         run.remove()
     return 0

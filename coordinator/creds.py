@@ -8,9 +8,10 @@ failure model: "peer claims another identity").  Three things are bound:
     peer        the process behind a connection.  Over ``ipc://`` the kernel says who
                 it is: libzmq reads SO_PEERCRED at connect time and attaches it to
                 every message as the "Peer-Address" property, ``host:uid:gid:pid``.
-                Over ``tcp://`` only the peer's address is known; nothing is
-                authenticated there yet (CURVE keys are the later step), so tcp peers
-                are trusted as they were before identities were checked.
+                Over ``tcp://`` only the peer's address is known, but every tcp peer
+                has proven in the CURVE handshake that it holds the cluster's client
+                credential (numaemu/keys.py; the ZAP handler refuses anyone else), so
+                it speaks for the cluster's owner: its claims are believed.
     task        bound at ``attach`` to the connection that attached it: its routing id
                 and its peer credentials (``Task.conn_id``, ``Task.cred``).  Over ipc
                 the attach itself is checked against the credentials: ``os_pid`` must
@@ -74,7 +75,7 @@ class PeerCred:
 
     @property
     def trusted(self) -> bool:
-        """Unauthenticated but trusted as before identities were checked: tcp (no CURVE yet)."""
+        """Holds the cluster's client credential (tcp: CURVE-authenticated, numaemu/keys.py)."""
         return self.transport == "tcp"
 
     def __str__(self) -> str:
@@ -109,7 +110,7 @@ def owner_uid() -> int:
 
 
 def privileged_peer(cred: PeerCred) -> bool:
-    """Root or the cluster's owner (over ipc), or any tcp peer (unauthenticated, as before)."""
+    """Root or the cluster's owner (over ipc), or a tcp peer (it holds the owner's keys)."""
     if cred.trusted:
         return True
     return cred.verified and cred.uid in (0, owner_uid())
@@ -248,7 +249,7 @@ def check_attach(req: Any, caller: Caller | None, host: str) -> None:
         raise NumaError(errno.EPERM, "attach without a connection")
     cred = caller.cred
     if cred.trusted:
-        return  # tcp: no credentials until CURVE; the claims are believed, as before
+        return  # tcp: authenticated by CURVE as the owner's; its claims are believed
     if not cred.verified:
         raise NumaError(errno.EPERM, f"attach: cannot tell who the peer is ({cred.address!r})")
     if req.os_pid != cred.pid:
@@ -267,7 +268,8 @@ def check_attach(req: Any, caller: Caller | None, host: str) -> None:
 def check_tlb_peer(task, cred: PeerCred) -> str | None:
     """Why this peer may not speak for ``task``'s shootdown thread (None: it may).
 
-    Over ipc it must be the task's own process; over tcp it is believed, as before."""
+    Over ipc it must be the task's own process; over tcp (CURVE-authenticated) it is
+    believed."""
     if task.cred is not None and task.cred.trusted and cred.trusted:
         return None
     if cred.verified and cred.pid == task.os_pid:

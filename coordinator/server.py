@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from numaemu import protocol as P
 from numaemu.errors import ClusterError, NumaError
+from numaemu.keys import find as find_keys
 from numaemu.protocol import ProtocolError
 from numaemu.topology import Topology
 
@@ -62,12 +63,14 @@ class Coordinator:
     """Owns the sockets and the loop; the state is in ``Kernel``, the handlers in ``Syscalls``."""
 
     def __init__(self, topology: Topology, cluster_id: str, endpoints: dict,
-                 supervisor_pid: int = 0, inject_dilation: float | None = None) -> None:
+                 supervisor_pid: int = 0, inject_dilation: float | None = None,
+                 keys: str | None = None) -> None:
         self.kernel = Kernel(topology, cluster_id)
         self.inject_dilation = inject_dilation
         self.kernel.schedule_reap = self.schedule_reap
         self.kernel.spawn = self.spawn
         self.endpoints = endpoints
+        self.keys = keys  # tcp: the cluster's CURVE key directory (numaemu/keys.py)
         self.supervisor_pid = supervisor_pid
         self.syscalls = Syscalls(self.kernel, self)
         self._stop: asyncio.Event | None = None
@@ -97,9 +100,16 @@ class Coordinator:
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         ctx = zmq.asyncio.Context()
         socks = {}
+        auth = None
         try:
             for name in ("rpc", "tlb", "nodes"):
+                curve = find_keys(self.endpoints[name], self.keys)
+                if curve is not None and auth is None:
+                    # Before any bind: no tcp handshake may happen without the ZAP handler.
+                    auth = curve.authenticator(ctx)
                 sock = ctx.socket(zmq.ROUTER, socket_class=creds.CredRouter)
+                if curve is not None:
+                    curve.server(sock)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 if name in MAX_MESSAGE:
@@ -127,6 +137,8 @@ class Coordinator:
         finally:
             for sock in socks.values():
                 sock.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
 
     async def watchdog(self, name: str, loop_fn) -> None:
@@ -391,13 +403,15 @@ class Coordinator:
 
 
 def run_coordinator(topology: Topology, cluster_id: str, endpoints: dict,
-                    supervisor_pid: int = 0, inject_dilation: float | None = None) -> None:
+                    supervisor_pid: int = 0, inject_dilation: float | None = None,
+                    keys: str | None = None) -> None:
     """Entry point of the coordinator process.
 
     ``NUMAEMU_PROFILE=FILE`` runs it under cProfile and writes the stats to FILE at exit
     (``python -m pstats FILE``): the way to see where a slow path spends its time.
     """
-    coordinator = Coordinator(topology, cluster_id, endpoints, supervisor_pid, inject_dilation)
+    coordinator = Coordinator(topology, cluster_id, endpoints, supervisor_pid, inject_dilation,
+                              keys)
     profile = os.environ.get("NUMAEMU_PROFILE")
     if not profile:
         asyncio.run(coordinator.run())

@@ -30,6 +30,8 @@ import numpy as np
 import zmq
 
 from numaemu import protocol as P
+from numaemu.errors import ClusterError
+from numaemu.keys import find as find_keys
 from numaemu.protocol import ProtocolError
 
 from .segment import Segment
@@ -119,6 +121,7 @@ class Node:
         self.allocator = FrameAllocator(segment.frames)
         self.lru = np.zeros(segment.frames, dtype=np.uint8)
         self.numastat = dict.fromkeys(NUMASTAT_KEYS, 0)
+        self.keys: str | None = None  # the cluster's key directory (tcp)
         self.sources: dict[str, Segment] = {}  # other nodes' segments, mapped for copy_in
         self.injected: dict[str, int] = {}
         self.delayed: dict[str, tuple[int, float]] = {}
@@ -244,6 +247,12 @@ class Node:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            try:
+                curve = find_keys(req.src_endpoint, self.keys)
+            except ClusterError as exc:
+                raise _Errno(errno.EIO, str(exc)) from None
+            if curve is not None:
+                curve.client(sock)
             sock.connect(req.src_endpoint)
             sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns), 1))
             if not sock.poll(FETCH_TIMEOUT * 1000):
@@ -324,15 +333,29 @@ class _Errno(OSError):
     pass
 
 
-def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str) -> None:
-    """Register with the coordinator and answer requests until told to exit or orphaned."""
+def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
+          keys: str | None = None) -> None:
+    """Register with the coordinator and answer requests until told to exit or orphaned.
+
+    On tcp every socket authenticates with the cluster's CURVE keys (numaemu/keys.py): the
+    node is a client of the coordinator and of other nodes, and serves its data endpoint
+    only to peers holding the cluster's client credential."""
     state = Node(node, segment)
+    state.keys = keys
     ctx = zmq.Context()
+    auth = None
     ctrl = ctx.socket(zmq.DEALER)
     ctrl.setsockopt(zmq.LINGER, 0)
+    ctrl_keys = find_keys(coordinator, keys)
+    if ctrl_keys is not None:
+        ctrl_keys.client(ctrl)
     ctrl.connect(coordinator)
     data = ctx.socket(zmq.ROUTER)
     data.setsockopt(zmq.LINGER, 0)
+    data_keys = find_keys(data_endpoint, keys)
+    if data_keys is not None:
+        auth = data_keys.authenticator(ctx)
+        data_keys.server(data)
     data.bind(data_endpoint)
     data_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port of "tcp://h:*"
     stop = []
@@ -404,6 +427,8 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str) -> 
     finally:
         ctrl.close(0)
         data.close(0)
+        if auth is not None:
+            auth.stop()
         ctx.term()
         state.frames = None
         for source in state.sources.values():

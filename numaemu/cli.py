@@ -13,6 +13,7 @@ import os
 import sys
 
 from .errors import ClusterError, NumaError
+from .keys import KEYS_ENV
 from .topology import Topology, TopologyError
 
 
@@ -55,6 +56,8 @@ def resolve_address(explicit: str | None = None) -> str:
 
     live = live_clusters()
     if len(live) == 1:
+        if live[0].get("keys"):  # a tcp cluster of ours: its keys are in its run directory
+            os.environ.setdefault(KEYS_ENV, live[0]["keys"])
         return live[0]["address"]
     if not live:
         raise ClusterError("no cluster is running (start one with `numaemu up --detach`)")
@@ -86,6 +89,9 @@ def cmd_up(args) -> int:
                 print(f"address: {ready['address']}")
                 print(f"log:     {ready['log']}")
                 print(f"export NUMAEMU_ADDRESS={ready['address']}")
+                if ready.get("keys"):
+                    print(f"keys:    {ready['keys']} (tcp peers need them)")
+                    print(f"export {KEYS_ENV}={ready['keys']}")
                 print("Ctrl-C stops it.", flush=True)
 
         def flush(self) -> None:
@@ -116,6 +122,8 @@ def _up_detached(args, topology: Topology) -> int:
         print(f"numaemu up: {ready['error']}", file=sys.stderr)
         return 1
     print(ready["address"])
+    if ready.get("keys"):  # stdout stays the address alone, for $(numaemu up --detach)
+        print(f"keys: {ready['keys']}; export {KEYS_ENV}={ready['keys']}", file=sys.stderr)
     return 0
 
 
@@ -301,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "made of real processes.")
     parser.add_argument("--address", help="the cluster to use (default: $NUMAEMU_ADDRESS, or "
                         "the only one running)")
+    parser.add_argument("--keys", help="a tcp cluster's CURVE key directory (default: "
+                        f"${KEYS_ENV}; `numaemu up --listen` prints it)")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("demo", help="start the built-in cluster and show placement at work")
@@ -385,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``numaemu`` console script."""
     args = build_parser().parse_args(argv)
+    if args.keys:  # every connection this command (and what it runs) makes uses them
+        os.environ[KEYS_ENV] = os.path.abspath(args.keys)
     try:
         return args.func(args) or 0
     except NumaError as exc:

@@ -64,6 +64,7 @@ class Cluster:
         self.cluster_id: str | None = None
         self.run_dir: str | None = None
         self.log_path: str | None = None
+        self.keys: str | None = None  # tcp: the directory of the cluster's CURVE keys
         self._proc: subprocess.Popen | None = None
         self._owned = start
         self._tasks: list[Task] = []
@@ -72,16 +73,18 @@ class Cluster:
             self.start()
 
     @classmethod
-    def connect(cls, address: str | None = None) -> Cluster:
+    def connect(cls, address: str | None = None, keys: str | None = None) -> Cluster:
         """A handle on a cluster that is already running (``numaemu up``); ``stop()`` only
-        closes what this handle attached or spawned, the cluster keeps running."""
+        closes what this handle attached or spawned, the cluster keeps running.  A tcp
+        cluster needs its keys directory (``keys`` or $NUMAEMU_KEYS)."""
         address = address or os.environ.get("NUMAEMU_ADDRESS")
         if not address:
             raise ClusterError("no cluster address: pass one or set NUMAEMU_ADDRESS")
-        with Connection(address) as conn:
+        with Connection(address, keys=keys) as conn:
             info = conn.call("info")
         cluster = cls(Topology.from_dict(info["topology"]), start=False)
         cluster.address = address
+        cluster.keys = keys
         cluster.cluster_id = info["cluster_id"]
         return cluster
 
@@ -112,6 +115,7 @@ class Cluster:
         self.cluster_id = ready["cluster_id"]
         self.run_dir = ready["run_dir"]
         self.log_path = ready["log"]
+        self.keys = ready.get("keys")
 
     def _read_ready(self) -> dict:
         deadline = time.monotonic() + START_TIMEOUT
@@ -186,7 +190,8 @@ class Cluster:
         owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do.  Only
         root may pick another ``uid``; ``privileged=True`` needs root or the cluster's owner
         (the task is bound to this process: docs/design.md, "Identity")."""
-        task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid, inject=inject)
+        task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid, inject=inject,
+                    keys=self.keys)
         self._tasks.append(task)
         return task
 
@@ -195,12 +200,12 @@ class Cluster:
         """Run ``fn(task, *args)`` in a new client process; ``fn`` must be importable.
 
         ``uid`` is the task's emulated owner, as for ``attach`` (only root may pick one)."""
-        handle = ClientHandle(self._require(), fn, args, cpu, privileged, uid)
+        handle = ClientHandle(self._require(), fn, args, cpu, privileged, uid, self.keys)
         self._handles.append(handle)
         return handle
 
     def _call(self, op: str, **fields) -> dict:
-        with Connection(self._require()) as conn:
+        with Connection(self._require(), keys=self.keys) as conn:
             return conn.call(op, **fields)
 
     def hardware(self) -> str:
@@ -249,11 +254,11 @@ class Cluster:
         return {"supervisor": state.get("supervisor_pid", 0), "children": state.get("pids", [])}
 
 
-def _client_main(address: str, fn, args, cpu, privileged, uid, conn) -> None:
+def _client_main(address: str, fn, args, cpu, privileged, uid, keys, conn) -> None:
     """Body of a spawned client process."""
     try:
         task = Task(address, cpu=cpu, privileged=privileged, uid=uid,
-                    command=getattr(fn, "__name__", "client"))
+                    command=getattr(fn, "__name__", "client"), keys=keys)
     except BaseException as exc:
         conn.send(("error", _portable(exc)))
         return
@@ -285,11 +290,12 @@ def _portable(exc: BaseException) -> BaseException:
 class ClientHandle:
     """A spawned client process running ``fn(task, *args)``."""
 
-    def __init__(self, address: str, fn, args, cpu, privileged, uid=None) -> None:
+    def __init__(self, address: str, fn, args, cpu, privileged, uid=None,
+                 keys: str | None = None) -> None:
         ctx = _client_context()
         self._conn, child = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_client_main, name=f"numaemu-client-{fn.__name__}",
-                                 args=(address, fn, args, cpu, privileged, uid, child),
+                                 args=(address, fn, args, cpu, privileged, uid, keys, child),
                                  daemon=True)
         self._proc.start()
         child.close()
@@ -344,8 +350,9 @@ class ClientHandle:
 
 
 def attach(address: str | None = None, cpu: int | None = None,
-           privileged: bool = False) -> Task:
-    """Attach this process to a running cluster (``address`` defaults to $NUMAEMU_ADDRESS).
+           privileged: bool = False, keys: str | None = None) -> Task:
+    """Attach this process to a running cluster (``address`` defaults to $NUMAEMU_ADDRESS;
+    a tcp cluster's ``keys`` directory to $NUMAEMU_KEYS).
 
     Under ``numaemu run`` the CPU binding and memory policy given on its command
     line are applied to the new task.
@@ -358,7 +365,7 @@ def attach(address: str | None = None, cpu: int | None = None,
     cpus = run.get("cpus")
     if cpu is None and cpus:
         cpu = cpus[0]
-    task = Task(address, cpu=cpu, privileged=privileged)
+    task = Task(address, cpu=cpu, privileged=privileged, keys=keys)
     try:
         if cpus:
             task.sched_setaffinity(cpus)

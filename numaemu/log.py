@@ -63,9 +63,10 @@ def set_where(role: str, node: int | None = None, extra: str = "") -> None:
 class ZmqLogHandler(logging.Handler):
     """Forward records to the cluster's log collector over a PUSH socket."""
 
-    def __init__(self, endpoint: str, where: str) -> None:
+    def __init__(self, endpoint: str, where: str, keys=None) -> None:
         super().__init__()
         self.endpoint = endpoint
+        self.keys = keys  # numaemu.keys.Keys for a tcp collector
         self._pid = os.getpid()
         self._sock = None
         self.addFilter(WhereFilter(where))
@@ -77,6 +78,8 @@ class ZmqLogHandler(logging.Handler):
             self._sock = context().socket(zmq.PUSH)
             self._sock.setsockopt(zmq.LINGER, 1000)  # deliver the last records at exit
             self._sock.setsockopt(zmq.SNDHWM, 10000)
+            if self.keys is not None:
+                self.keys.client(self._sock)
             self._sock.connect(self.endpoint)
             self._pid = os.getpid()
         return self._sock
@@ -111,7 +114,7 @@ _client_handler: ZmqLogHandler | None = None
 
 
 def setup_forwarding(endpoint: str, *, role: str, node: int | None = None, extra: str = "",
-                     level: str | int = "INFO") -> None:
+                     level: str | int = "INFO", keys=None) -> None:
     """In a process started on its own: send numaemu's records to the cluster log."""
     global _client_handler
     if not endpoint:
@@ -123,7 +126,7 @@ def setup_forwarding(endpoint: str, *, role: str, node: int | None = None, extra
             return
         if _client_handler is not None:
             logger.removeHandler(_client_handler)
-        _client_handler = ZmqLogHandler(endpoint, where_text(role, node, extra))
+        _client_handler = ZmqLogHandler(endpoint, where_text(role, node, extra), keys)
         logger.addHandler(_client_handler)
         if logger.level == logging.NOTSET or logger.level > logging.getLevelName(level):
             logger.setLevel(level)
@@ -132,17 +135,22 @@ def setup_forwarding(endpoint: str, *, role: str, node: int | None = None, extra
 class Collector(threading.Thread):
     """The supervisor's PULL socket: re-emits forwarded records through its handlers."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys=None) -> None:
         super().__init__(name="numaemu-log-collector", daemon=True)
         self.endpoint = endpoint
+        self.keys = keys  # numaemu.keys.Keys: a tcp collector admits the cluster's peers only
         self._halt = threading.Event()
         self._ready = threading.Event()
 
     def run(self) -> None:
         from .transport import context
 
+        auth = None
         sock = context().socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            auth = self.keys.authenticator(context())
+            self.keys.server(sock)
         sock.bind(self.endpoint)
         self._ready.set()
         logger = logging.getLogger(ROOT)
@@ -165,6 +173,8 @@ class Collector(threading.Thread):
                     logger.handle(record)
         finally:
             sock.close(0)
+            if auth is not None:
+                auth.stop()
 
     def start_and_wait(self) -> None:
         self.start()

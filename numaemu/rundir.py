@@ -73,6 +73,11 @@ class RunDir:
         return f"ipc://{self.path}/node{node}-data.sock"
 
     @property
+    def keys_dir(self) -> str:
+        """Where a tcp cluster keeps its CURVE keys (numaemu/keys.py)."""
+        return os.path.join(self.path, "keys")
+
+    @property
     def log_path(self) -> str:
         return os.path.join(logs_dir(), f"{self.cluster_id}.log")
 

@@ -30,6 +30,7 @@ import sys
 import time
 
 from . import log as numaemu_log
+from .keys import Keys
 from .rundir import RunDir, start_time, sweep_leftovers
 from .topology import Topology
 
@@ -42,21 +43,21 @@ ORPHAN_GRACE = 8.0
 
 
 def _coordinator_main(topology_dict: dict, cluster_id: str, endpoints: dict, sup: int,
-                      inject: float | None) -> None:
+                      inject: float | None, keys: str | None) -> None:
     numaemu_log.set_where("coordinator")
     from coordinator.server import run_coordinator
 
     run_coordinator(Topology.from_dict(topology_dict), cluster_id, endpoints, sup,
-                    inject_dilation=inject)
+                    inject_dilation=inject, keys=keys)
 
 
 def _node_main(node: int, coordinator: str, cluster_id: str, frames: int, page_size: int,
-               data_endpoint: str) -> None:
+               data_endpoint: str, keys: str | None) -> None:
     numaemu_log.set_where("node", node)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when nodes stop
     from nodes import run_node
 
-    run_node(node, coordinator, cluster_id, frames, page_size, data_endpoint)
+    run_node(node, coordinator, cluster_id, frames, page_size, data_endpoint, keys=keys)
 
 
 def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
@@ -88,6 +89,9 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
     run = RunDir.create(listen)
     setup_logging(log_level, run.log_path, stderr=stderr_logs)
     endpoints = run.endpoints()
+    # tcp: every endpoint authenticates its peers with the cluster's CURVE keys (keys.py).
+    keys = Keys.create(run.keys_dir) if listen else None
+    keys_dir = keys.directory if keys is not None else None
     stop_reason: list[str] = []
 
     def on_signal(signum, _frame):
@@ -102,26 +106,28 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
     try:
         procs["coordinator"] = ctx.Process(
             target=_coordinator_main, name="numaemu-coordinator",
-            args=(topology.to_dict(), run.cluster_id, endpoints, os.getpid(), inject_delays))
+            args=(topology.to_dict(), run.cluster_id, endpoints, os.getpid(), inject_delays,
+                  keys_dir))
         procs["coordinator"].start()
         for node in topology.nodes:
             procs[f"node{node}"] = ctx.Process(
                 target=_node_main, name=f"numaemu-node{node}",
                 args=(node, endpoints["nodes"], run.cluster_id,
                       topology.frames_per_node[node], topology.page_size,
-                      run.node_data_endpoint(node)))
+                      run.node_data_endpoint(node), keys_dir))
             procs[f"node{node}"].start()
         # Only now may this process create zmq sockets and threads.
-        collector = numaemu_log.Collector(endpoints["log"])
+        collector = numaemu_log.Collector(endpoints["log"], keys)
         collector.start_and_wait()
-        run.write_state(supervisor_pid=os.getpid(), address=endpoints["rpc"],
+        run.write_state(supervisor_pid=os.getpid(), address=endpoints["rpc"], keys=keys_dir,
                         pids=[p.pid for p in procs.values()],
                         starts=[start_time(p.pid) for p in procs.values()], log=run.log_path)
-        _wait_ready(endpoints["rpc"], topology.num_nodes, procs, stop_reason)
+        _wait_ready(endpoints["rpc"], topology.num_nodes, procs, stop_reason, keys_dir)
         if stop_reason:
             return 1
         ready = {"address": endpoints["rpc"], "cluster_id": run.cluster_id,
-                 "run_dir": run.path, "log": run.log_path, "supervisor_pid": os.getpid()}
+                 "run_dir": run.path, "log": run.log_path, "supervisor_pid": os.getpid(),
+                 "keys": keys_dir}
         log.info("cluster %s up: %d nodes, address %s", run.cluster_id, topology.num_nodes,
                  endpoints["rpc"])
         if ready_out is not None:
@@ -145,11 +151,12 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
     return status
 
 
-def _wait_ready(address: str, num_nodes: int, procs: dict, stop_reason: list) -> None:
+def _wait_ready(address: str, num_nodes: int, procs: dict, stop_reason: list,
+                keys: str | None) -> None:
     from .transport import Connection
 
     deadline = time.monotonic() + READY_TIMEOUT
-    with Connection(address, connect_timeout=READY_TIMEOUT) as conn:
+    with Connection(address, connect_timeout=READY_TIMEOUT, keys=keys) as conn:
         while not stop_reason:
             dead = [name for name, p in procs.items() if not p.is_alive()]
             if dead:

@@ -92,9 +92,10 @@ class Task:
 
     def __init__(self, address: str, *, cpu: int | None = None, privileged: bool = False,
                  command: str | None = None, uid: int | None = None,
-                 inject: float | None | bool = True) -> None:
+                 inject: float | None | bool = True, keys: str | None = None) -> None:
         self.address = address
-        self._conn = Connection(address)
+        self._conn = Connection(address, keys=keys)
+        self._keys = self._conn.keys
         self._req_lock = threading.Lock()
         self._closed = False
         try:
@@ -154,7 +155,7 @@ class Task:
         from . import log as numaemu_log
 
         numaemu_log.setup_forwarding(reply.get("log_endpoint", ""), role="client",
-                                     extra=f"task {self.pid} cpu {self.cpu}")
+                                     extra=f"task {self.pid} cpu {self.cpu}", keys=self._keys)
         log.info("task %d attached to %s on cpu %d (node %d)", self.pid, address, self.cpu,
                  self.node)
 
@@ -757,6 +758,8 @@ class _Shootdown(threading.Thread):
         sock = context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            if self.task._keys is not None:
+                self.task._keys.client(sock)
             sock.connect(self.endpoint)
             sock.send(P.encode_request(P.TlbHello(pid=self.task.pid), 1))
             if not sock.poll(10000):

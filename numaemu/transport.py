@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .errors import ClusterError, NumaError
+from .keys import find as find_keys
 
 #: How long to wait for a first connection to the coordinator.
 CONNECT_TIMEOUT = 5.0
@@ -47,23 +48,32 @@ def context() -> zmq.Context:
 class Connection:
     """A DEALER connected to one ROUTER endpoint, with disconnect detection."""
 
-    def __init__(self, address: str, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, address: str, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 keys: str | None = None) -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ClusterError(f"not a cluster address: {address!r} (expected ipc://... or "
                                "tcp://...)")
         self.address = address
         self.connect_timeout = connect_timeout
+        #: tcp: the cluster's CURVE keys (or a ClusterError saying where they are); ipc: None
+        self.keys = find_keys(address, keys)
         ctx = context()
         self.sock = ctx.socket(zmq.DEALER)
+        if self.keys is not None:
+            self.keys.client(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
         self.monitor = self.sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.sock.connect(address)
         self.connected = False
         self.lost = False
+        self.refused = False  # the cluster refused our credentials (tcp)
+        self.handshaken = False
         self._created = time.monotonic()
         self._seq = itertools.count(1)
         self._poller = zmq.Poller()
@@ -77,9 +87,20 @@ class Connection:
                 self.connected = True
             elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and self.connected:
                 self.lost = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshaken = True
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                           zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                self.refused = True
+        # A CURVE peer that is dropped before its handshake ever succeeded was refused.
+        if self.lost and self.keys is not None and not self.handshaken:
+            self.refused = True
 
     def _check_alive(self, op: str) -> None:
         self._drain_monitor()
+        if self.refused:
+            raise ClusterError(f"{self.address} refused our keys ({op}): they are not this "
+                               "cluster's")
         if self.lost:
             raise ClusterError(f"the coordinator at {self.address} went away ({op})")
         if not self.connected and time.monotonic() - self._created > self.connect_timeout:

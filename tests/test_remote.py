@@ -62,20 +62,20 @@ def test_nodes_started_by_hand_join_a_standalone_coordinator(tmp_path):
     ready = {"cluster_id": "none"}
     try:
         ready = json.loads(coord.stdout.readline())
-        address = ready["address"]
+        address, keys = ready["address"], ready["keys"]
         for n in (0, 1):
             nodes.append(subprocess.Popen(
-                [sys.executable, "-m", "numaemu", "--address", address, "node", "--node",
-                 str(n), "--log-level", "WARNING"]))
+                [sys.executable, "-m", "numaemu", "--address", address, "--keys", keys, "node",
+                 "--node", str(n), "--log-level", "WARNING"]))
         info = {}
 
         def registered():
-            with numaemu.transport.Connection(address) as conn:
+            with numaemu.transport.Connection(address, keys=keys) as conn:
                 info.update(conn.call("info"))
             return len(info["segments"]) == 2
 
         assert wait_until(registered, 30, step=0.2)
-        task = numaemu.attach(address, cpu=0)
+        task = numaemu.attach(address, cpu=0, keys=keys)
         m = task.mmap(3 * 4096)
         task.mbind(m.addr, m.length, numaemu.MPOL_INTERLEAVE, [0, 1])
         task.write(m.addr, bytes(range(256)) * 48)
