@@ -49,6 +49,7 @@ class SharedObject:
     policies: list = field(default_factory=list)
     unlinked: bool = False
     maps: int = 0  # number of VMAs mapping it
+    uid: int = 0  # the owner: the uid of the task that created it
     tree_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def grow(self, npages: int) -> None:
@@ -95,7 +96,8 @@ class SharedObject:
         return f"/dev/shm/{self.name}" if self.kind == "shm" else self.name
 
 
-def open_object(kernel, *, shared: str | None, file: str | None, npages: int) -> SharedObject:
+def open_object(kernel, *, shared: str | None, file: str | None, npages: int,
+                uid: int = 0) -> SharedObject:
     """Find or create the object a shared mapping of ``npages`` pages maps."""
     if file is not None:
         path = os.path.abspath(file)
@@ -119,8 +121,10 @@ def open_object(kernel, *, shared: str | None, file: str | None, npages: int) ->
                 raise NumaError(errno.ENODEV, f"{path} is not a regular file")
             size = st.st_size
             file_pages = -(-size // kernel.page_size)
-            obj = SharedObject(kernel.new_object_id(), "file", path, file_pages, size)
-            obj.grow(file_pages)
+            # The page cache is sized by what is mapped, not by the file: a huge sparse file
+            # mapped in part costs what the mapping does (8 bytes a page).
+            obj = SharedObject(kernel.new_object_id(), "file", path, file_pages, size,
+                               uid=uid)
             kernel.files[path] = obj
             kernel.objects[obj.oid] = obj
         obj.grow(npages)  # pages past EOF are in the VMA but fault with SIGBUS
@@ -128,7 +132,7 @@ def open_object(kernel, *, shared: str | None, file: str | None, npages: int) ->
     obj = kernel.shm_names.get(shared)
     if obj is None:
         obj = SharedObject(kernel.new_object_id(), "shm", shared, npages,
-                           npages * kernel.page_size)
+                           npages * kernel.page_size, uid=uid)
         obj.grow(npages)
         kernel.shm_names[shared] = obj
         kernel.objects[obj.oid] = obj
@@ -145,9 +149,16 @@ async def fill_from_file(kernel, obj: SharedObject, idx: np.ndarray, nodes: np.n
     data = await asyncio.to_thread(_read_file_pages, obj.name, idx.tolist(), ps)
     view = memoryview(data)
     for n in np.unique(nodes).tolist():
-        sel = np.flatnonzero(nodes == n)
-        chunk = b"".join(view[i * ps : (i + 1) * ps] for i in sel.tolist())
-        await kernel.node(n).peer.call(P.WriteFrames(pfns=pfns[sel].astype(P.PFN), data=chunk))
+        for sel in _chunks(np.flatnonzero(nodes == n), ps):
+            chunk = b"".join(view[i * ps : (i + 1) * ps] for i in sel.tolist())
+            await kernel.node(n).peer.call(P.WriteFrames(pfns=pfns[sel].astype(P.PFN),
+                                                         data=chunk))
+
+
+def _chunks(sel: np.ndarray, page_size: int) -> list[np.ndarray]:
+    """``sel`` in pieces of one message's worth of frames (``P.MAX_FRAME_DATA``)."""
+    step = P.frames_per_message(page_size)
+    return [sel[i : i + step] for i in range(0, len(sel), step)]
 
 
 def _read_file_pages(path: str, indices: list[int], ps: int) -> bytearray:
@@ -286,11 +297,11 @@ async def _write_pages(kernel, obj, indices, nodes, pfns) -> None:
     ps = kernel.page_size
     contents: dict[int, bytes] = {}
     for n in np.unique(nodes).tolist():
-        sel = np.flatnonzero(nodes == n)
-        reply = await kernel.node(n).peer.call(P.ReadFrames(pfns=pfns[sel].astype(P.PFN)))
-        data = reply["data"]
-        for j, i in enumerate(sel.tolist()):
-            contents[i] = data[j * ps : (j + 1) * ps]
+        for sel in _chunks(np.flatnonzero(nodes == n), ps):
+            reply = await kernel.node(n).peer.call(P.ReadFrames(pfns=pfns[sel].astype(P.PFN)))
+            data = reply["data"]
+            for j, i in enumerate(sel.tolist()):
+                contents[i] = data[j * ps : (j + 1) * ps]
     pages = []
     for i, index in enumerate(indices.tolist()):
         offset = index * ps

@@ -51,7 +51,7 @@ NODE_LEASE = 1.5
 LOCAL_NODE_LEASE = 5.0
 REAP_INTERVAL = 1.0
 #: Largest message each endpoint accepts (a request carries at most 65536 pages: 512 KiB of
-#: page numbers; the nodes endpoint carries frame contents and is not limited).
+#: page numbers); the nodes endpoint carries frame contents: ``P.max_frame_message``.
 MAX_MESSAGE = {"rpc": 8 << 20, "tlb": 1 << 20}
 #: Period of the loop-stall monitor.
 STALL_TICK = 0.01
@@ -101,6 +101,7 @@ class Coordinator:
         ctx = zmq.asyncio.Context()
         socks = {}
         auth = None
+        topology_page_size = self.kernel.page_size
         try:
             for name in ("rpc", "tlb", "nodes"):
                 curve = find_keys(self.endpoints[name], self.keys)
@@ -112,10 +113,10 @@ class Coordinator:
                     curve.server(sock)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                if name in MAX_MESSAGE:
-                    # A bigger message drops its sender's connection before it is read:
-                    # no peer makes the loop unpack megabytes (or exhausts our memory).
-                    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE[name])
+                # A bigger message drops its sender's connection before it is read: no
+                # peer makes the loop unpack megabytes (or exhausts our memory).
+                limit = MAX_MESSAGE.get(name) or P.max_frame_message(topology_page_size)
+                sock.setsockopt(zmq.MAXMSGSIZE, limit)
                 sock.bind(self.endpoints[name])
                 socks[name] = sock
             log.info("coordinator listening on %s", self.endpoints["rpc"])

@@ -169,7 +169,8 @@ class Syscalls:
                 raise NumaError(errno.ENOMEM, f"no room for {npages} pages in the address space")
             obj = None
             if req.shared is not None or req.file is not None:
-                obj = filemap.open_object(k, shared=req.shared, file=req.file, npages=npages)
+                obj = filemap.open_object(k, shared=req.shared, file=req.file, npages=npages,
+                                          uid=task.uid)
             start = task.get_unmapped_area(npages)
             vma = Vma(start, start + npages, np.zeros(npages, dtype=np.int64), obj=obj)
             if obj is not None:
@@ -396,11 +397,15 @@ class Syscalls:
 
     async def shm_unlink(self, req: P.ShmUnlink) -> dict:
         k = self.k
-        k.task(req.pid)
+        task = k.task(req.pid)
         argcheck.shm_name(req.name)
         obj = k.shm_names.get(req.name)
         if obj is None:
             raise NumaError(errno.ENOENT, f"no shared object named {req.name!r}")
+        if obj.uid != task.uid and not task.privileged:
+            # /dev/shm is a sticky directory: only the object's owner (or root) removes it.
+            raise NumaError(errno.EPERM, f"{req.name!r} belongs to uid {obj.uid}, not "
+                                         f"{task.uid}")
         obj.unlinked = True
         k.shm_names.pop(req.name, None)
         await filemap.release_object(k, obj)

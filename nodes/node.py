@@ -178,11 +178,18 @@ class Node:
         for key, value in stats.items():
             self.numastat[key] += value
 
+    def _check_message_frames(self, pfns: np.ndarray) -> None:
+        if len(pfns) > P.frames_per_message(self.segment.page_size):
+            raise ProtocolError(f"{len(pfns)} frames in one message (at most "
+                                f"{P.frames_per_message(self.segment.page_size)})")
+
     def read_frames(self, req: P.ReadFrames) -> dict:
+        self._check_message_frames(req.pfns)
         self._check_pfns(req.pfns)
         return {"data": self.frames[req.pfns].tobytes()}
 
     def write_frames(self, req: P.WriteFrames) -> dict:
+        self._check_message_frames(req.pfns)
         self._check_pfns(req.pfns)
         if len(req.data) != len(req.pfns) * self.segment.page_size:
             raise ProtocolError("data length does not match the frame list")
@@ -244,8 +251,12 @@ class Node:
         return seg.array
 
     def _fetch(self, req: P.CopyIn) -> bytes:
+        """The source frames' contents from the source node's data service, one message's
+        worth (``P.MAX_FRAME_DATA``) at a time."""
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        parts = []
+        step = P.frames_per_message(self.segment.page_size)
         try:
             try:
                 curve = find_keys(req.src_endpoint, self.keys)
@@ -254,15 +265,17 @@ class Node:
             if curve is not None:
                 curve.client(sock)
             sock.connect(req.src_endpoint)
-            sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns), 1))
-            if not sock.poll(FETCH_TIMEOUT * 1000):
-                raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
-            reply = P.unpack(sock.recv())
+            for seq, lo in enumerate(range(0, len(req.src_pfns), step), 1):
+                sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns[lo : lo + step]), seq))
+                if not sock.poll(FETCH_TIMEOUT * 1000):
+                    raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
+                reply = P.unpack(sock.recv())
+                if not reply.get("ok") or reply.get("re") != seq:
+                    raise _Errno(errno.EIO, f"node {req.src_node}: {reply.get('error')}")
+                parts.append(reply["data"])
         finally:
             sock.close(0)
-        if not reply.get("ok"):
-            raise _Errno(errno.EIO, f"node {req.src_node}: {reply.get('error')}")
-        return reply["data"]
+        return b"".join(parts)
 
     def inject(self, req: P.Inject) -> dict:
         if req.request not in self.handlers or req.count < 0 or not 0 <= req.delay <= 10:
@@ -352,6 +365,7 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
     ctrl.connect(coordinator)
     data = ctx.socket(zmq.ROUTER)
     data.setsockopt(zmq.LINGER, 0)
+    data.setsockopt(zmq.MAXMSGSIZE, P.max_frame_message(segment.page_size))
     data_keys = find_keys(data_endpoint, keys)
     if data_keys is not None:
         auth = data_keys.authenticator(ctx)

@@ -97,6 +97,22 @@ NodeArray = Array(NODE)
 StatusArray = Array(STATUS)
 ProtArray = Array(PROT)
 
+#: Bytes of frame contents one read_frames / write_frames message carries at most: a whole
+#: file's writeback travels as many bounded messages, and the endpoints that carry frame
+#: contents can refuse anything much bigger (``max_frame_message``).
+MAX_FRAME_DATA = 16 << 20
+
+
+def frames_per_message(page_size: int) -> int:
+    """How many frames' contents fit in one message (at least one)."""
+    return max(1, MAX_FRAME_DATA // page_size)
+
+
+def max_frame_message(page_size: int) -> int:
+    """The size limit of an endpoint that carries frame contents (ZMQ_MAXMSGSIZE)."""
+    return 2 * max(MAX_FRAME_DATA, page_size) + (1 << 20)
+
+
 REQUESTS: dict[str, type] = {}
 #: Fire-and-forget messages (``Peer.post``): the sender does not wait for a reply, and a send
 #: that fails fails the peer instead of raising (coordinator/links.py).

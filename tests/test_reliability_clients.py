@@ -88,3 +88,51 @@ def test_the_leftover_sweep_kills_only_the_processes_a_cluster_recorded(run_dir)
         for p in (victim, bystander):
             p.kill()
             p.wait()
+
+
+def test_a_huge_sparse_file_costs_what_is_mapped_of_it(cluster, task, tmp_path):
+    """The page cache is sized by the mapping, not the file: a 1 TiB sparse file mapped in
+    part used to cost the coordinator 2 GiB of slots, and its writeback a scan of them."""
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(1 << 40)
+    coordinator = cluster.processes()["children"][0]
+    rss_before = _rss_kib(coordinator)
+    m = task.mmap(4 * PS, file=path)
+    assert task.read(m.addr, 8) == bytes(8)
+    task.write(m.page(3), b"tail page")
+    assert task.msync(m.addr, m.length) == 1
+    with open(path, "rb") as f:
+        f.seek(3 * PS)
+        assert f.read(9) == b"tail page"
+    assert os.path.getsize(path) == 1 << 40  # never extended, never truncated
+    assert _rss_kib(coordinator) - rss_before < 256 << 10  # not the 2 GiB of slots
+    task.munmap(m.addr, m.length)
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_only_the_owner_or_privilege_unlinks_a_shared_object(cluster, task):
+    import errno
+
+    import pytest
+
+    from numaemu import NumaError
+
+    m = task.mmap(PS, shared="owned")
+    task.write(m.addr, b"mine")
+    stranger = cluster.attach(cpu=0, uid=os.getuid() + 1)
+    try:
+        with pytest.raises(NumaError) as info:
+            stranger.shm_unlink("owned")
+        assert info.value.errno == errno.EPERM
+        again = stranger.mmap(PS, shared="owned")  # still there, same page
+        assert stranger.read(again.addr, 4) == b"mine"
+    finally:
+        stranger.close()
+    task.munmap(m.addr, PS)
+    task.shm_unlink("owned")
+    assert cluster.check() == []

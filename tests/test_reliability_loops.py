@@ -9,6 +9,7 @@ allocation still reaches the nodes (nodes).
 from __future__ import annotations
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
@@ -153,3 +154,38 @@ def test_a_message_over_the_size_limit_is_dropped_with_its_connection(cluster, e
         conn.call("fault", pid=1, vpns=np.arange(10**7, dtype=P.VPN), write=False,
                   timeout=10)
     cluster_serves(cluster)
+
+
+def test_frame_contents_travel_in_bounded_messages(tmp_path):
+    """A node refuses to send more than one message's worth of frames at once, and a 20 MB
+    file still faults in and writes back whole (in several read/write_frames messages)."""
+    import errno
+
+    from conftest import small_topology
+
+    import numaemu
+
+    pages = 5000  # more than P.frames_per_message(4096) == 4096
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(range(256)) * (pages * PS // 256))
+    with numaemu.Cluster(small_topology(nodes=1, frames=6000)) as cluster:
+        with Connection(cluster.address) as conn:
+            data_endpoint = conn.call("info")["segments"][0]["data_endpoint"]
+        too_many = P.encode_request(P.ReadFrames(pfns=np.arange(4097, dtype=P.PFN)), 1)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(data_endpoint)
+        sock.send(too_many)
+        assert sock.poll(5000)
+        reply = P.unpack(sock.recv())
+        sock.close(0)
+        assert (reply["ok"], reply["errno"]) == (False, errno.EINVAL)
+
+        task = cluster.attach(cpu=0)
+        m = task.mmap(pages * PS, file=path)
+        assert task.read(m.addr, pages * PS) == path.read_bytes()  # filled in pieces
+        task.write(m.addr, b"\xab" * (pages * PS))
+        assert task.msync(m.addr, m.length) == pages  # written back in pieces
+        assert path.read_bytes() == b"\xab" * (pages * PS)
+        task.close()
+        assert cluster.check() == []
