@@ -51,7 +51,8 @@ log = logging.getLogger("numaemu.coordinator")
 #: Requests whose ``pid`` names a target, not the caller.
 TARGET_PID_OPS = frozenset({"numa_maps"})
 #: Requests without a caller pid whose caller is the task bound to the connection.
-CONNECTION_TASK_OPS = frozenset({"numa_maps", "shutdown"})
+CONNECTION_TASK_OPS = frozenset({"numa_maps", "shutdown", "cpuset_create", "cpuset_update",
+                                 "cpuset_attach", "cpuset_remove"})
 #: Peer records not refreshed for this long may be forgotten (a bound task's record is
 #: kept on the task; a live shootdown thread or node refreshes its own every second).
 PEER_IDLE = 600.0

@@ -31,6 +31,7 @@ from numaemu import protocol as P
 from numaemu.errors import NumaError
 from numaemu.topology import Topology
 
+from .cpuset import ROOT, root_cpuset
 from .links import Peer
 from .mempolicy import MemPolicy, plan_allocation
 from .migrate import BATCH as MIGRATE_BATCH
@@ -92,6 +93,7 @@ class Kernel:
         self.distances = [list(row) for row in topology.distances]
         self.weights = [topology.weight(n) for n in topology.nodes]
         self.node_set = frozenset(topology.nodes_with_memory)
+        self.cpusets = {ROOT: root_cpuset(topology)}  # name -> Cpuset (coordinator/cpuset.py)
         self.pcp = [np.empty(0, dtype=np.int64) for _ in topology.nodes]
         self._refilling: set[int] = set()
         self.pending_stats: list[dict[str, int]] = [{} for _ in topology.nodes]
@@ -124,6 +126,10 @@ class Kernel:
             raise NumaError(3, f"no task with pid {pid}")
         return task
 
+    def mems_allowed(self, task) -> frozenset[int]:
+        """The nodes ``task`` may allocate from: its cpuset's online nodes with memory."""
+        return self.node_set & frozenset(task.cpuset.mems)
+
     def cpu_node(self, task) -> int:
         return self.topology.node_of_cpu(task.cpu)
 
@@ -146,8 +152,11 @@ class Kernel:
 
     async def alloc_pages(self, policy: MemPolicy | None, cpu_node: int, ilx: np.ndarray, *,
                           flags: int, mapping: int, index: np.ndarray, owner: int,
-                          zero: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                          zero: bool = True, mems: frozenset[int] | None = None,
+                          ) -> tuple[np.ndarray, np.ndarray]:
         """Allocate one zeroed frame per entry of ``ilx`` by ``policy``; return (nodes, pfns).
+
+        ``mems``: the nodes the allocating task's cpuset allows (others count as full).
 
         Frames come back with refcount 0 and mapcount 0: the caller installs them.
         Raises ``NumaError(ENOMEM)`` and allocates nothing if the policy cannot be met.
@@ -155,8 +164,9 @@ class Kernel:
         count = len(ilx)
         if count == 0:
             return np.empty(0, dtype=np.int16), np.empty(0, dtype=np.int64)
-        plan = plan_allocation(policy, cpu_node=cpu_node, ilx=ilx, free=self.free.copy(),
-                               distances=self.distances, weights=self.weights)
+        plan = plan_allocation(policy, cpu_node=cpu_node, ilx=ilx,
+                               free=self.free_within(mems), distances=self.distances,
+                               weights=self.weights)
         per_node = np.bincount(plan.nodes, minlength=self.num_nodes)
         self.free -= per_node  # reserve before awaiting: concurrent faults see it
         wanted = [int(n) for n in np.flatnonzero(per_node)]
@@ -184,6 +194,13 @@ class Kernel:
             pfns[sel] = got
             self.tables[n].prep_new(got, flags, mapping, index[sel], owner)
         return plan.nodes.astype(np.int16), pfns
+
+    def free_within(self, mems: frozenset[int] | None) -> np.ndarray:
+        """Free frames per node, as a cpuset confined to ``mems`` sees them (None: all)."""
+        free = self.free.copy()
+        if mems is not None:
+            free[[n for n in range(self.num_nodes) if n not in mems]] = 0
+        return free
 
     async def alloc_on(self, node: int, count: int, cpu_node: int) -> np.ndarray:
         """``count`` frames on exactly ``node`` (a migration target); ENOMEM if it is short."""

@@ -184,7 +184,8 @@ async def fault_anon(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bool
         # Private anonymous memory interleaves by virtual page number (linux-semantics §8).
         nodes, pfns = await kernel.alloc_pages(
             policy, kernel.cpu_node(task), vpns, flags=PG_UPTODATE | PG_LRU
-            | PG_ANON | PG_DIRTY, mapping=0, index=vpns, owner=task.pid)
+            | PG_ANON | PG_DIRTY, mapping=0, index=vpns, owner=task.pid,
+            mems=kernel.mems_allowed(task))
         # The mmap lock is held for read, so only this task could have changed these
         # entries meanwhile; give back frames for any that are no longer empty.
         lost = vma.pte[new_offs] != before
@@ -266,7 +267,8 @@ async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) ->
             task.il_count += len(new_idx)
             nodes, pfns = await kernel.alloc_pages(
                 task.policy, kernel.cpu_node(task), ilx, flags=PG_LRU | PG_LOCKED,
-                mapping=obj.oid, index=new_idx, owner=0, zero=False)
+                mapping=obj.oid, index=new_idx, owner=0, zero=False,
+                mems=kernel.mems_allowed(task))
         # Someone may have inserted some of these pages while we allocated.
         raced = obj.cache[new_idx] != 0
         ours = ~raced
@@ -317,7 +319,8 @@ async def _alloc_shm_pages(kernel, task: Task, obj, idx: np.ndarray):
             policy = shared if shared is not None else task.policy
             nodes[sel], pfns[sel] = await kernel.alloc_pages(
                 policy, kernel.cpu_node(task), idx[sel] + obj.oid,
-                flags=PG_LRU | PG_LOCKED, mapping=obj.oid, index=idx[sel], owner=0)
+                flags=PG_LRU | PG_LOCKED, mapping=obj.oid, index=idx[sel], owner=0,
+                mems=kernel.mems_allowed(task))
             done[sel] = True
     except BaseException:
         for n in np.unique(nodes[done]).tolist():

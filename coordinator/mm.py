@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -146,6 +146,7 @@ class Task:
     last_seen: float = 0.0
     exiting: bool = False
     pidfd: int | None = None  # a local client's process (coordinator/procwatch.py)
+    cpuset: Any = None  # its Cpuset (coordinator/cpuset.py); the root one unless moved
     # Identity (coordinator/creds.py): the rpc connection that attached the task and its
     # peer's credentials; requests naming this pid are served on that connection only.
     conn_id: bytes | None = None

@@ -101,8 +101,11 @@ async def do_pages_move(kernel, caller: Task, task: Task, pages: np.ndarray, nod
         end = start + 1
         while end < len(pages) and targets_all[end] == target:
             end += 1
-        # An invalid node ends the call with ENODEV; earlier batches stay migrated.
+        # An invalid node ends the call with ENODEV, one outside the target's cpuset with
+        # EACCES; earlier batches stay migrated.
         check_target_nodes(kernel, [target])
+        if target not in kernel.mems_allowed(task):
+            raise NumaError(errno.EACCES, f"node {target} is outside task {task.pid}'s cpuset")
         async with task.mmap_lock.read():
             st, pnodes, ppfns = _lookup(kernel, task, vpns_all[start:end])
         st = np.where((st == 0) & (pnodes == target), target, st)
@@ -220,9 +223,12 @@ async def mbind_move(kernel, task: Task, start: int, end: int, policy: MemPolicy
         return 0
     # new_page by the policy: where a fault at each address would allocate now.
     effective = policy if policy is not None else task.policy
-    plan = plan_allocation(effective, cpu_node=cpu_node, ilx=ilx, free=kernel.free.copy(),
+    mems = kernel.mems_allowed(task)
+    plan = plan_allocation(effective, cpu_node=cpu_node, ilx=ilx, free=kernel.free_within(mems),
                            distances=kernel.distances, weights=kernel.weights)
-    targets = plan.intended.astype(np.int64)
+    # Where the policy wants each page, unless the cpuset forbids it: then where it fell back.
+    targets = np.where(np.isin(plan.intended, list(mems)), plan.intended, plan.nodes)
+    targets = targets.astype(np.int64)
     move = nodes != targets
     if not move.any():
         return 0

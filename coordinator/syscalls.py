@@ -29,7 +29,7 @@ from numaemu.constants import (
 )
 from numaemu.errors import NumaError
 
-from . import creds, filemap, movepages, procfs, procwatch
+from . import cpuset, creds, filemap, movepages, procfs, procwatch
 from .memory import handle_fault, zap_vma
 from .mempolicy import (
     check_mbind_flags,
@@ -81,6 +81,11 @@ class Syscalls:
             "sysctl": self.sysctl,
             "node_free_map": self.node_free_map,
             "shutdown": self.shutdown,
+            "cpusets": self.cpusets,
+            "cpuset_create": self.cpuset_create,
+            "cpuset_update": self.cpuset_update,
+            "cpuset_attach": self.cpuset_attach,
+            "cpuset_remove": self.cpuset_remove,
         }
 
     # -- cluster -------------------------------------------------------------
@@ -109,13 +114,19 @@ class Syscalls:
         topo = k.topology
         caller = creds.CALLER.get()
         creds.check_attach(req, caller, k.host)
-        cpu = req.cpu if req.cpu is not None else topo.cpus[0]
-        if cpu not in topo.cpus:
-            raise NumaError(errno.EINVAL, f"no CPU {cpu} (CPUs are {list(topo.cpus)})")
+        # A task starts in the root cpuset, or in the one it names (numaemu run --cpuset: the
+        # cpuset its parent would have handed down).
+        cs = cpuset.lookup(k, req.cpuset or cpuset.ROOT)
+        if not cs.cpus or not cs.mems:
+            raise NumaError(errno.ENOSPC, f"cpuset {cs.name!r} has no CPUs or no nodes")
+        cpu = req.cpu if req.cpu is not None else cs.cpus[0]
+        if cpu not in cs.cpus:
+            raise NumaError(errno.EINVAL, f"no CPU {cpu} in cpuset {cs.name!r} (CPUs "
+                                          f"{list(cs.cpus)})")
         pid = k.new_pid(req.os_pid, req.host)
         task = Task(pid=pid, os_pid=req.os_pid, host=req.host, uid=req.uid,
                     privileged=req.privileged, command=req.command or f"task{pid}", cpu=cpu,
-                    cpus_allowed=tuple(topo.cpus), next_vpn=MMAP_BASE // k.page_size,
+                    cpus_allowed=cs.cpus, cpuset=cs, next_vpn=MMAP_BASE // k.page_size,
                     mmap_base=MMAP_BASE // k.page_size,
                     last_seen=time.monotonic(), conn_id=caller.conn_id, cred=caller.cred)
         if req.host == k.host:
@@ -221,7 +232,8 @@ class Syscalls:
             raise NumaError(errno.EINVAL, f"set_mempolicy: flags {req.flags:#x} hold bits "
                                           "other than MPOL_F_STATIC_NODES|RELATIVE_NODES|"
                                           "NUMA_BALANCING")
-        policy = new_policy(req.mode | req.flags, req.nodes, node_set=self.k.node_set)
+        policy = new_policy(req.mode | req.flags, req.nodes,
+                            node_set=self.k.mems_allowed(task))
         task.policy = policy
         task.il_count = 0  # the interleave counter restarts at the lowest node
         return {}
@@ -235,7 +247,7 @@ class Syscalls:
             Mode.INTERLEAVE, Mode.WEIGHTED_INTERLEAVE)
         validate_get_flags(flags, addr != 0, interleave)
         if flags & GetFlag.MEMS_ALLOWED:
-            return {"mode": 0, "nodes": sorted(k.node_set)}
+            return {"mode": 0, "nodes": sorted(k.mems_allowed(task))}
         if flags & GetFlag.ADDR:
             vpn = addr // k.page_size
             vma = task.find_vma(vpn)
@@ -270,7 +282,8 @@ class Syscalls:
         start, end = check_range(k.page_size, req.addr, req.length)
         if req.length == 0:
             return {}
-        policy = new_policy(req.mode, req.nodes, node_set=k.node_set, for_mbind=True)
+        policy = new_policy(req.mode, req.nodes, node_set=k.mems_allowed(task),
+                            for_mbind=True)
         move = bool(req.flags & (MoveFlag.MOVE | MoveFlag.MOVE_ALL))
         strict = bool(req.flags & MoveFlag.STRICT) and policy is not None  # DEFAULT clears it
         async with task.mmap_lock.write():
@@ -340,9 +353,13 @@ class Syscalls:
         new = _node_list(req.new_nodes)
         task = caller if req.target in (None, 0) else k.task(req.target)
         check_access(caller, task)
-        new = [n for n in new if n in k.node_set]  # nodes without memory are dropped
+        if not caller.privileged and not set(new) <= k.mems_allowed(task):
+            raise NumaError(errno.EPERM, f"new nodes {new} lie outside task {task.pid}'s "
+                                         "cpuset (CAP_SYS_NICE needed)")
+        # Nodes without memory, or outside the caller's cpuset, are dropped.
+        new = [n for n in new if n in k.mems_allowed(caller)]
         if not new:
-            raise NumaError(errno.EINVAL, "new_nodes holds no node with memory")
+            raise NumaError(errno.EINVAL, "new_nodes holds no allowed node with memory")
         # A failed node is still a source: its pages fail with -EIO (memory_failure.py).
         old = [n for n in old if n in k.node_set or n in k.offline]
         async with self_flushed(caller if task is caller and req.flushed else None, True):
@@ -414,14 +431,46 @@ class Syscalls:
     async def sched_setaffinity(self, req: P.SchedSetaffinity) -> dict:
         k = self.k
         task = k.task(req.pid)
-        cpus = sorted(set(req.cpus))
-        if not cpus or any(c not in k.topology.cpus for c in cpus):
-            raise NumaError(errno.EINVAL, f"CPU set {cpus} names no CPU of this machine "
-                                          f"(CPUs are {list(k.topology.cpus)})")
-        task.cpus_allowed = tuple(cpus)
-        if task.cpu not in cpus:
-            task.cpu = cpus[0]  # the scheduler moves the task onto an allowed CPU
+        # The mask is intersected with the task's cpuset; nothing left is EINVAL.
+        cpus = sorted(set(req.cpus) & set(task.cpuset.cpus))
+        if not cpus:
+            raise NumaError(errno.EINVAL, f"CPU set {sorted(set(req.cpus))} names no CPU of "
+                                          f"task {task.pid}'s cpuset {task.cpuset.name!r} "
+                                          f"(CPUs {list(task.cpuset.cpus)})")
+        cpuset.confine_cpus(self.k, task, cpus)  # the scheduler moves the task onto an allowed CPU
         return {"cpu": task.cpu, "node": k.topology.node_of_cpu(task.cpu)}
+
+    # -- cpusets ----------------------------------------------------------------
+    async def cpusets(self, req: P.Cpusets) -> dict:
+        return {"cpusets": [cs.describe(self.k) for cs in self.k.cpusets.values()]}
+
+    def _cpuset_admin(self, op: str) -> None:
+        """Changing cpusets is for a privileged caller (the cgroup files are root's)."""
+        caller = creds.CALLER.get()
+        if caller is None or not caller.privileged:
+            raise NumaError(errno.EPERM, f"{op} needs a privileged caller")
+
+    async def cpuset_create(self, req: P.CpusetCreate) -> dict:
+        self._cpuset_admin("cpuset_create")
+        cs = cpuset.create(self.k, req.name, req.cpus, req.mems, req.memory_migrate)
+        return cs.describe(self.k)
+
+    async def cpuset_update(self, req: P.CpusetUpdate) -> dict:
+        self._cpuset_admin("cpuset_update")
+        cs = cpuset.lookup(self.k, req.name)
+        not_moved = await cpuset.update(self.k, cs, req.cpus, req.mems, req.memory_migrate)
+        return {**cs.describe(self.k), "not_migrated": not_moved}
+
+    async def cpuset_attach(self, req: P.CpusetAttach) -> dict:
+        self._cpuset_admin("cpuset_attach")
+        cs = cpuset.lookup(self.k, req.name)
+        not_moved = await cpuset.attach(self.k, cs, self.k.task(req.target))
+        return {**cs.describe(self.k), "not_migrated": not_moved}
+
+    async def cpuset_remove(self, req: P.CpusetRemove) -> dict:
+        self._cpuset_admin("cpuset_remove")
+        cpuset.remove(self.k, req.name)
+        return {}
 
     # -- views -----------------------------------------------------------------
     async def numa_maps(self, req: P.NumaMaps) -> dict:
@@ -468,7 +517,8 @@ class Syscalls:
 
     async def tasks(self, req: P.Tasks) -> dict:
         return {"tasks": [{"pid": t.pid, "os_pid": t.os_pid, "host": t.host, "cpu": t.cpu,
-                           "command": t.command, "privileged": t.privileged}
+                           "command": t.command, "privileged": t.privileged,
+                           "cpuset": t.cpuset.name}
                           for t in self.k.tasks.values() if not t.exiting]}
 
 

@@ -49,6 +49,7 @@ from .constants import (
     ModeFlag,
     MoveFlag,
 )
+from .cpuset import Cpuset
 from .errors import ClusterError, NumaError
 from .nodelist import format_nodes, parse_cpus, parse_nodes
 from .task import Mapping, Task
@@ -61,7 +62,7 @@ __all__ = [
     "MPOL_F_NODE", "MPOL_F_NUMA_BALANCING", "MPOL_F_RELATIVE_NODES", "MPOL_F_STATIC_NODES",
     "MPOL_INTERLEAVE", "MPOL_LOCAL", "MPOL_MF_MOVE", "MPOL_MF_MOVE_ALL", "MPOL_MF_STRICT",
     "MPOL_PREFERRED", "MPOL_PREFERRED_MANY", "MPOL_WEIGHTED_INTERLEAVE", "PAGE_SIZE",
-    "ClientHandle", "Cluster", "ClusterError", "GetFlag", "Mapping", "Mode", "ModeFlag",
+    "ClientHandle", "Cluster", "ClusterError", "Cpuset", "GetFlag", "Mapping", "Mode", "ModeFlag",
     "MoveFlag", "NumaError", "Task", "Topology", "TopologyError", "attach", "format_nodes",
     "parse_cpus", "parse_nodes",
 ]

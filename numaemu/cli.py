@@ -234,6 +234,11 @@ def cmd_run(args) -> int:
             run.update(mode=int(Mode.PREFERRED), nodes=list(nodes))
         elif args.localalloc:
             run.update(mode=int(Mode.LOCAL), nodes=[])
+        if args.cpuset:
+            names = [c["name"] for c in _call(args, "cpusets")["cpusets"]]
+            if args.cpuset not in names:
+                raise ValueError(f"no cpuset {args.cpuset!r} (have: {', '.join(names)})")
+            run["cpuset"] = args.cpuset
     except ValueError as exc:
         print(f"numaemu run: {exc}", file=sys.stderr)
         return 1
@@ -243,6 +248,42 @@ def cmd_run(args) -> int:
     except OSError as exc:
         print(f"numaemu run: {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127
+
+
+def cmd_cpuset(args) -> int:
+    """numaemu cpuset create|set|attach|list|remove."""
+    from .nodelist import format_nodes, parse_cpus, parse_nodes
+
+    topo = Topology.from_dict(_call(args, "info")["topology"])
+    try:
+        cpus = parse_cpus(args.cpus, topo.cpus) if getattr(args, "cpus", None) else None
+        mems = parse_nodes(args.mems, topo.nodes) if getattr(args, "mems", None) else None
+    except ValueError as exc:
+        print(f"numaemu cpuset: {exc}", file=sys.stderr)
+        return 1
+    if args.action == "create":
+        _call(args, "cpuset_create", name=args.name, cpus=list(cpus), mems=list(mems),
+              memory_migrate=args.memory_migrate)
+    elif args.action == "set":
+        migrate = None if args.memory_migrate is None else bool(args.memory_migrate)
+        reply = _call(args, "cpuset_update", name=args.name,
+                      cpus=None if cpus is None else list(cpus),
+                      mems=None if mems is None else list(mems), memory_migrate=migrate)
+        if reply["not_migrated"]:
+            print(f"{reply['not_migrated']} pages could not be moved", file=sys.stderr)
+    elif args.action == "attach":
+        reply = _call(args, "cpuset_attach", name=args.name, target=args.pid)
+        if reply["not_migrated"]:
+            print(f"{reply['not_migrated']} pages could not be moved", file=sys.stderr)
+    elif args.action == "remove":
+        _call(args, "cpuset_remove", name=args.name)
+    else:
+        print(f"{'NAME':<16} {'CPUS':<10} {'MEMS':<8} {'MIGRATE':<8} TASKS")
+        for cs in _call(args, "cpusets")["cpusets"]:
+            print(f"{cs['name']:<16} {format_nodes(cs['cpus']) or '-':<10} "
+                  f"{format_nodes(cs['mems']) or '-':<8} {int(cs['memory_migrate']):<8} "
+                  f"{' '.join(map(str, cs['tasks'])) or '-'}")
+    return 0
 
 
 def cmd_migratepages(args) -> int:
@@ -357,8 +398,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preferred", "-p")
     p.add_argument("--preferred-many", "-P", dest="preferred_many")
     p.add_argument("--localalloc", "-l", action="store_true")
+    p.add_argument("--cpuset", help="start the task in this cpuset (numaemu cpuset create)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cpuset", help="cpusets (cgroup v1): confine tasks' CPUs and nodes")
+    csub = p.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("create", help="create a cpuset")
+    c.add_argument("name")
+    c.add_argument("--cpus", required=True, help="CPU list, e.g. 2-3")
+    c.add_argument("--mems", required=True, help="node list in numactl's syntax, e.g. 1")
+    c.add_argument("--memory-migrate", action="store_true",
+                   help="tasks' pages follow the cpuset's nodes")
+    c = csub.add_parser("set", help="change a cpuset's CPUs, nodes or memory_migrate")
+    c.add_argument("name")
+    c.add_argument("--cpus")
+    c.add_argument("--mems")
+    c.add_argument("--memory-migrate", type=int, choices=(0, 1))
+    c = csub.add_parser("attach", help="move a task into a cpuset")
+    c.add_argument("name")
+    c.add_argument("pid", type=int)
+    csub.add_parser("list", help="every cpuset, its CPUs, nodes and tasks")
+    c = csub.add_parser("remove", help="remove an empty cpuset")
+    c.add_argument("name")
+    p.set_defaults(func=cmd_cpuset)
 
     p = sub.add_parser("migratepages", help="move a task's pages between nodes, like "
                        "numactl's migratepages")

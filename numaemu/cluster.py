@@ -22,9 +22,10 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from .cpuset import Cpuset
 from .errors import ClusterError
 from .task import Task
 from .topology import Topology
@@ -217,6 +218,23 @@ class Cluster:
         offline = [n for n in self.topology.nodes if nodes[str(n)].get("offline")]
         return hardware_text(self.topology, free, offline)
 
+    # -- cpusets ----------------------------------------------------------------------
+    def cpuset_create(self, name: str, cpus: Iterable[int], mems: Iterable[int],
+                      memory_migrate: bool = False) -> Cpuset:
+        """A new cpuset confining its tasks to ``cpus`` and memory nodes ``mems``."""
+        return Cpuset(self, self._call("cpuset_create", name=name, cpus=[int(c) for c in cpus],
+                                       mems=[int(n) for n in mems],
+                                       memory_migrate=bool(memory_migrate)))
+
+    def cpuset(self, name: str) -> Cpuset:
+        """The cpuset ``name`` (``"/"``: the root); ENOENT if there is none."""
+        return Cpuset(self, {"name": name, "cpus": (), "mems": (),
+                             "memory_migrate": False}).refresh()
+
+    def cpusets(self) -> list[Cpuset]:
+        """Every cpuset, the root first."""
+        return [Cpuset(self, state) for state in self._call("cpusets")["cpusets"]]
+
     def coordinator_stats(self) -> dict:
         """The coordinator's own health: ``loop_stall_max_ms`` (the longest its event loop
         was held by one piece of work), ``loop_restarts`` (receive loops restarted by its
@@ -365,7 +383,7 @@ def attach(address: str | None = None, cpu: int | None = None,
     cpus = run.get("cpus")
     if cpu is None and cpus:
         cpu = cpus[0]
-    task = Task(address, cpu=cpu, privileged=privileged, keys=keys)
+    task = Task(address, cpu=cpu, privileged=privileged, keys=keys, cpuset=run.get("cpuset"))
     try:
         if cpus:
             task.sched_setaffinity(cpus)

@@ -116,7 +116,8 @@ def max_frame_message(page_size: int) -> int:
 REQUESTS: dict[str, type] = {}
 #: Fire-and-forget messages (``Peer.post``): the sender does not wait for a reply, and a send
 #: that fails fails the peer instead of raising (coordinator/links.py).
-POSTED = frozenset({"free", "account", "isolate", "putback", "ping", "exit", "heartbeat"})
+POSTED = frozenset({"free", "account", "isolate", "putback", "ping", "exit", "heartbeat",
+                    "resched"})
 
 
 def request(op: str):
@@ -306,6 +307,41 @@ class Attach:
     cpu: int | None = None
     privileged: bool = False
     command: Annotated[str, Limit(MAX_TEXT)] = ""
+    cpuset: Annotated[str, Limit(MAX_TEXT)] | None = None  # start in this cpuset, not the root
+
+
+@request("cpusets")
+class Cpusets:
+    """Every cpuset: name, cpus, mems, memory_migrate, tasks."""
+
+
+@request("cpuset_create")
+class CpusetCreate:
+    name: Annotated[str, Limit(MAX_TEXT)]
+    cpus: list[int]
+    mems: list[int]
+    memory_migrate: bool = False
+
+
+@request("cpuset_update")
+class CpusetUpdate:
+    name: Annotated[str, Limit(MAX_TEXT)]
+    cpus: list[int] | None = None
+    mems: list[int] | None = None
+    memory_migrate: bool | None = None
+
+
+@request("cpuset_attach")
+class CpusetAttach:
+    """Move task ``target`` into cpuset ``name`` (its pages follow with memory_migrate)."""
+
+    name: Annotated[str, Limit(MAX_TEXT)]
+    target: int
+
+
+@request("cpuset_remove")
+class CpusetRemove:
+    name: Annotated[str, Limit(MAX_TEXT)]
 
 
 @request("detach")
@@ -483,6 +519,14 @@ class TlbHello:
 @request("heartbeat")
 class Heartbeat:
     pid: int
+
+
+@request("resched")
+class Resched:
+    """The scheduler moved the task to ``cpu`` (its cpuset changed): the client charges its
+    accesses from that CPU's node from now on.  Posted, no reply."""
+
+    cpu: int
 
 
 @request("invalidate")

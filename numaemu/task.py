@@ -92,7 +92,8 @@ class Task:
 
     def __init__(self, address: str, *, cpu: int | None = None, privileged: bool = False,
                  command: str | None = None, uid: int | None = None,
-                 inject: float | None | bool = True, keys: str | None = None) -> None:
+                 inject: float | None | bool = True, keys: str | None = None,
+                 cpuset: str | None = None) -> None:
         self.address = address
         self._conn = Connection(address, keys=keys)
         self._keys = self._conn.keys
@@ -102,7 +103,7 @@ class Task:
             reply = self._conn.call(
                 "attach", os_pid=os.getpid(), host=socket.gethostname(),
                 uid=os.getuid() if uid is None else uid,
-                cpu=cpu, privileged=privileged,
+                cpu=cpu, privileged=privileged, cpuset=cpuset,
                 command=command or os.path.basename(sys.argv[0] or "python"))
         except BaseException:
             self._conn.close()
@@ -640,9 +641,17 @@ class Task:
     def sched_setaffinity(self, cpus: Iterable[int] | int) -> None:
         """Restrict the task to ``cpus``; the scheduler moves it if its CPU is not among them."""
         reply = self._sync_call("sched_setaffinity", cpus=argcheck.cpu_list(cpus))
+        self._moved_to(reply["cpu"])
+
+    def _moved_to(self, cpu: int) -> None:
+        """The task runs on ``cpu`` now (its own sched_setaffinity, or the coordinator's
+        ``resched`` when a cpuset moved it): later accesses are charged from its node."""
+        if cpu not in self.topology.cpus:
+            log.warning("task %d: told to run on unknown CPU %r", self.pid, cpu)
+            return
         with self._access_lock:
             self._fold_stats()
-            self.cpu, self.node = reply["cpu"], reply["node"]
+            self.cpu, self.node = cpu, self.topology.node_of_cpu(cpu)
             self._set_latency_row()
 
     # -- statistics ----------------------------------------------------------------
@@ -783,6 +792,9 @@ class _Shootdown(threading.Thread):
                     try:
                         obj = P.unpack(raw)
                         req = P.decode_request(obj)
+                        if req.op == "resched":
+                            self.task._moved_to(req.cpu)
+                            continue
                         if req.op != "invalidate":
                             raise P.ProtocolError(f"unexpected {req.op}")
                         self.task._invalidate(req.vpns, req.write_only)
