@@ -16,6 +16,7 @@ import time
 
 import pytest
 from conftest import cluster_is_gone
+from test_migration_concurrent import private_incrementer
 
 import numaemu
 from numaemu import (
@@ -195,26 +196,9 @@ def test_changing_mems_rebinds_policies_as_linux_does(machine, sets):
     task.close()
 
 
-def _counter(task, pages: int, seconds: float):
-    """Read-modify-write counters on private pages for ``seconds``; check them at the end."""
-    m = task.mmap(pages * PS)
-    for p in range(pages):
-        task.write(m.page(p), bytes(8))
-    rounds, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        for p in range(pages):
-            value = int.from_bytes(task.read(m.page(p), 8), "little")
-            task.write(m.page(p), (value + 1).to_bytes(8, "little"))
-        rounds += 1
-    nodes = set(task.move_pages(m.pages))
-    assert all(int.from_bytes(task.read(m.page(p), 8), "little") == rounds
-               for p in range(pages))
-    return rounds, sorted(nodes)
-
-
 def test_memory_migrate_moves_a_running_tasks_pages_when_mems_change(machine, sets):
     job = sets("moving", cpus=[0, 1], mems=[0], memory_migrate=True)
-    worker = machine.spawn(_counter, 16, 3.0, cpu=0)
+    worker = machine.spawn(private_incrementer, 16, 3.0, cpu=0)
     job.attach(worker.pid)
     base = 0x7F0000000000
     deadline = time.monotonic() + 10

@@ -53,6 +53,25 @@ def _incrementer(task, name: str, slot: int, pages: int):
     return rounds, task.stats()["migration_waits"]
 
 
+def private_incrementer(task, pages: int, seconds: float):
+    """Read-modify-write counters in the task's own private pages for ``seconds`` (a pattern
+    beside each counter must survive too); check them all; return (rounds, nodes at the
+    end)."""
+    m = task.mmap(pages * PS)
+    for p in range(pages):
+        task.write(m.page(p) + 8, b"pattern!" * 16)
+    rounds, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        for p in range(pages):
+            value = int.from_bytes(task.read(m.page(p), 8), "little")
+            task.write(m.page(p), (value + 1).to_bytes(8, "little"))
+        rounds += 1
+    for p in range(pages):
+        assert int.from_bytes(task.read(m.page(p), 8), "little") == rounds
+        assert task.read(m.page(p) + 8, 128) == b"pattern!" * 16
+    return rounds, sorted(set(task.move_pages(m.pages)))
+
+
 def assert_increments(task, mapping, rounds: list[int]) -> None:
     """Each page of ``mapping`` holds every incrementer's count in its slot, and nothing
     else changed (the flags live in the first page)."""
