@@ -49,10 +49,11 @@ from numaemu.errors import NumaError
 log = logging.getLogger("numaemu.coordinator")
 
 #: Requests whose ``pid`` names a target, not the caller.
-TARGET_PID_OPS = frozenset({"numa_maps"})
+TARGET_PID_OPS = frozenset({"numa_maps", "access_profile"})
 #: Requests without a caller pid whose caller is the task bound to the connection.
 CONNECTION_TASK_OPS = frozenset({"numa_maps", "shutdown", "cpuset_create", "cpuset_update",
-                                 "cpuset_attach", "cpuset_remove"})
+                                 "cpuset_attach", "cpuset_remove", "sysctl",
+                                 "access_profile"})
 #: Peer records not refreshed for this long may be forgotten (a bound task's record is
 #: kept on the task; a live shootdown thread or node refreshes its own every second).
 PEER_IDLE = 600.0

@@ -36,6 +36,7 @@ from .links import Peer
 from .mempolicy import MemPolicy, plan_allocation
 from .migrate import BATCH as MIGRATE_BATCH
 from .migrate import MigrateStats
+from .numa_balancing import NumaBalancing
 from .pages import FrameTable, PageLocks
 
 log = logging.getLogger("numaemu.coordinator")
@@ -100,6 +101,7 @@ class Kernel:
         self.spawn = lambda coro: asyncio.ensure_future(coro)  # the server installs its own
         self.migrate_batch = MIGRATE_BATCH
         self.vmstat = MigrateStats()
+        self.numa = NumaBalancing(self)  # scanner knobs, counters, access profile
         self.pins: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # id -> (pid, nodes, pfns)
         self._next_pin = 1
         self.writeback_queue: set[int] = set()

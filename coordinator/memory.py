@@ -29,6 +29,7 @@ from numaemu.errors import NumaError
 from .filemap import cache_entry, fill_from_file
 from .memory_failure import poisoned
 from .mm import Task, Vma
+from .numa_balancing import hinting_faults
 from .pages import (
     PG_ANON,
     PG_DIRTY,
@@ -36,6 +37,7 @@ from .pages import (
     PG_LRU,
     PG_UPTODATE,
     PTE_MIGRATION,
+    PTE_NUMA,
     PTE_PRESENT,
     PTE_WRITE,
     PTE_ZERO,
@@ -103,6 +105,13 @@ async def _fault_once(kernel, task: Task, vpns: np.ndarray, write: bool):
     _check_poison(kernel, vpns, ptes)
     if (ptes == 0).any() or (write and ((ptes & (PTE_WRITE | PTE_ZERO)) != PTE_WRITE).any()):
         raise _Retry(-1, -1)  # changed under us (zapped, write-protected): look again
+    hinted = (ptes & PTE_NUMA) != 0
+    if hinted.any():  # NUMA hinting faults (do_numa_page): the PTEs map the page again
+        for _sel, vma, offs in groups:
+            vma.pte[offs] &= ~PTE_NUMA
+        ptes &= ~PTE_NUMA
+        if kernel.numa.recording:
+            hinting_faults(kernel, task, vpns[hinted], ptes[hinted])
     zero = (ptes & PTE_ZERO) != 0
     prot = np.where(zero, P.PROT_ZERO | P.PROT_READ,
                     np.where((ptes & PTE_WRITE) != 0, P.PROT_READ | P.PROT_WRITE,

@@ -424,6 +424,7 @@ class _Batch:
             mo, mw = o[moving], w[moving]
             # Step 13: the remaining flags travel; step 14: the old page holds nothing.
             tnew.flags[mw] |= told.flags[mo] & MIGRATED_FLAGS
+            tnew.last_nid[mw] = told.last_nid[mo]  # folio_migrate_flags copies last_cpupid
             self.flags_moved[g[moving]] = True
             self.step(13)
             told.flags[mo] &= ~MIGRATED_FLAGS

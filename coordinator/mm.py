@@ -147,6 +147,15 @@ class Task:
     exiting: bool = False
     pidfd: int | None = None  # a local client's process (coordinator/procwatch.py)
     cpuset: Any = None  # its Cpuset (coordinator/cpuset.py); the root one unless moved
+    # NUMA balancing (coordinator/numa_balancing.py): hinting faults per page node, the
+    # current scan period's faults (all, local), the scan schedule and window.
+    numa_faults: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    numa_period_faults: int = 0
+    numa_period_local: int = 0
+    numa_next_scan: float = 0.0
+    numa_scan_period: float = 1.0
+    numa_scan_offset: int = 0
+    numa_preferred_nid: int = -1
     # Identity (coordinator/creds.py): the rpc connection that attached the task and its
     # peer's credentials; requests naming this pid are served on that connection only.
     conn_id: bytes | None = None

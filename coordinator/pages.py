@@ -9,6 +9,8 @@ A page-table entry is one int64:
     PTE_PRESENT [| PTE_WRITE] | node<<40 | pfn   a present page
     PTE_ZERO                            the shared zero page (read-only, no frame)
     PTE_MIGRATION | node<<40 | pfn      a migration entry pointing at the locked old page
+    PTE_NUMA bit on a present PTE       a NUMA hinting entry: still maps the page, but the
+                                        client's TLB drops it, so the next access faults
 
 The page lock (PG_locked) is a flag bit plus a wait queue of futures, because
 the coordinator is one asyncio loop: whoever finds a page locked awaits
@@ -27,6 +29,7 @@ PTE_PRESENT = 1 << 62
 PTE_WRITE = 1 << 61
 PTE_ZERO = 1 << 60
 PTE_MIGRATION = 1 << 59
+PTE_NUMA = 1 << 58  # a NUMA hinting PTE (the kernel's PROT_NONE): present, but faults
 NODE_SHIFT = 40
 PFN_MASK = (1 << NODE_SHIFT) - 1
 NODE_MASK = 0xFFFF
@@ -87,6 +90,9 @@ class FrameTable:
         # Monotonic time until which a just-migrated page that had waiters is left alone, so
         # the waiters get to use it before it moves again (see coordinator/migrate.py).
         self.hold_until = np.zeros(frames, dtype=np.float64)
+        # Node of the CPU behind the last NUMA hinting fault on the page (the kernel's
+        # last_cpupid): the two-stage filter of coordinator/numa_balancing.py.
+        self.last_nid = np.full(frames, -1, dtype=np.int16)
 
     def prep_new(self, pfns: np.ndarray, flags: int, mapping: int, index: np.ndarray,
                  owner: int) -> None:
@@ -105,6 +111,7 @@ class FrameTable:
         self.index[pfns] = 0
         self.owner[pfns] = 0
         self.hold_until[pfns] = 0
+        self.last_nid[pfns] = -1
 
 
 class PageLocks:

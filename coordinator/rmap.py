@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .filemap import mappers
-from .pages import PTE_MIGRATION, PTE_PRESENT, PTE_WRITE, make_ptes
+from .pages import PTE_MIGRATION, PTE_NUMA, PTE_PRESENT, PTE_WRITE, make_ptes
 
 
 @dataclass
@@ -81,7 +81,7 @@ def try_to_migrate(kernel, node: int, pfns: np.ndarray) -> tuple[MigrationEntrie
     for task, vpns, idx in rmap_walk(kernel, node, pfns):
         for vma, offs, sel in _ptes_at(task, vpns):
             ptes = vma.pte[offs]
-            mine = (ptes & ~PTE_WRITE) == want[idx[sel]]
+            mine = (ptes & ~(PTE_WRITE | PTE_NUMA)) == want[idx[sel]]  # hinting PTEs too
             if not mine.any():
                 continue
             offs, pages = offs[mine], idx[sel][mine]

@@ -36,7 +36,7 @@ from numaemu.keys import find as find_keys
 from numaemu.protocol import ProtocolError
 from numaemu.topology import Topology
 
-from . import creds, memory_failure, procwatch
+from . import creds, memory_failure, numa_balancing, procwatch
 from .kernel import Kernel, NodeInfo
 from .links import Peer, PeerGone, send_bounded
 from .shootdown import client_alive
@@ -126,7 +126,8 @@ class Coordinator:
                      "serve_nodes": lambda: self.serve(socks["nodes"],
                                                        self.one_frame("node", self.on_node)),
                      "ping_nodes": self.ping_nodes, "reap_dead": self.reap_dead,
-                     "flusher": self.flusher, "stall_monitor": self.stall_monitor}
+                     "flusher": self.flusher, "stall_monitor": self.stall_monitor,
+                     "numa_scanner": lambda: numa_balancing.scan_loop(self.kernel)}
             workers = [asyncio.ensure_future(self.watchdog(name, fn))
                        for name, fn in loops.items()]
             await self._stop.wait()

@@ -29,7 +29,7 @@ from numaemu.constants import (
 )
 from numaemu.errors import NumaError
 
-from . import cpuset, creds, filemap, movepages, procfs, procwatch
+from . import cpuset, creds, filemap, movepages, numa_balancing, procfs, procwatch
 from .memory import handle_fault, zap_vma
 from .mempolicy import (
     check_mbind_flags,
@@ -81,6 +81,7 @@ class Syscalls:
             "sysctl": self.sysctl,
             "node_free_map": self.node_free_map,
             "shutdown": self.shutdown,
+            "access_profile": self.access_profile,
             "cpusets": self.cpusets,
             "cpuset_create": self.cpuset_create,
             "cpuset_update": self.cpuset_update,
@@ -128,7 +129,8 @@ class Syscalls:
                     privileged=req.privileged, command=req.command or f"task{pid}", cpu=cpu,
                     cpus_allowed=cs.cpus, cpuset=cs, next_vpn=MMAP_BASE // k.page_size,
                     mmap_base=MMAP_BASE // k.page_size,
-                    last_seen=time.monotonic(), conn_id=caller.conn_id, cred=caller.cred)
+                    last_seen=time.monotonic(), conn_id=caller.conn_id, cred=caller.cred,
+                    numa_faults=np.zeros(k.num_nodes, dtype=np.int64))
         if req.host == k.host:
             task.pidfd = procwatch.pidfd_open(req.os_pid)
             if task.pidfd is None:
@@ -485,7 +487,7 @@ class Syscalls:
     async def numastat(self, req: P.Numastat) -> dict:
         stats = await procfs.node_stats(self.k)
         vmstat = {"pgmigrate_success": self.k.vmstat.pgmigrate_success,
-                  "pgmigrate_fail": self.k.vmstat.pgmigrate_fail}
+                  "pgmigrate_fail": self.k.vmstat.pgmigrate_fail, **self.k.numa.counters}
         loop = {"loop_stall_max_ms": round(self.k.loop_stall_max * 1000, 3),
                 "loop_restarts": self.k.loop_restarts, "offline_nodes": sorted(self.k.offline)}
         return {"nodes": {str(n): s for n, s in stats.items()}, "vmstat": vmstat,
@@ -497,18 +499,43 @@ class Syscalls:
         return {"bits": reply["bits"], "nr_free": reply["nr_free"]}
 
     async def sysctl(self, req: P.Sysctl) -> dict:
-        task = self.k.task(req.pid)
-        tunables = {"migrate_batch": (1, 1 << 20)}
-        if req.name not in tunables:
-            raise NumaError(errno.ENOENT, f"no tunable {req.name!r} (have: {sorted(tunables)})")
+        """Read or (privileged caller) set a tunable: ``migrate_batch`` (vm) and NUMA
+        balancing's (coordinator/numa_balancing.py ``TUNABLES``)."""
+        k = self.k
+        if req.pid is not None:
+            k.task(req.pid)
+        names = sorted(["migrate_batch", *numa_balancing.TUNABLES])
+        if req.name not in names:
+            raise NumaError(errno.ENOENT, f"no tunable {req.name!r} (have: {names})")
         if req.value is not None:
-            if not task.privileged:
-                raise NumaError(errno.EPERM, "setting a tunable needs privileged=True")
-            lo, hi = tunables[req.name]
-            if not lo <= req.value <= hi:
-                raise NumaError(errno.EINVAL, f"{req.name} must be in {lo}..{hi}")
-            setattr(self.k, req.name, req.value)
-        return {"value": getattr(self.k, req.name)}
+            caller = creds.CALLER.get()
+            if caller is None or not caller.privileged:
+                raise NumaError(errno.EPERM, "setting a tunable needs a privileged caller")
+            if req.name == "migrate_batch":
+                if not 1 <= req.value <= 1 << 20:
+                    raise NumaError(errno.EINVAL, f"migrate_batch must be in 1..{1 << 20}")
+                k.migrate_batch = req.value
+            else:
+                k.numa.set(req.name, req.value)
+        if req.name == "migrate_batch":
+            return {"value": k.migrate_batch}
+        return {"value": k.numa.get(req.name)}
+
+    async def access_profile(self, req: P.AccessProfile) -> dict:
+        """What NUMA hinting faults recorded, as packed columns; ``pid`` None: every task the
+        caller may see (its own owner's, or all for a privileged caller)."""
+        caller = creds.CALLER.get()
+        k = self.k
+        if req.pid is not None:
+            target = k.task(req.pid)
+            if caller is not None and not caller.may_read(target):
+                raise NumaError(errno.EACCES, f"task {req.pid} belongs to another owner")
+        rows = k.numa.profile(req.pid, req.reset)
+        if req.pid is None and caller is not None and not caller.privileged:
+            visible = [t.pid for t in k.tasks.values() if caller.may_read(t)]
+            rows = rows[np.isin(rows["pid"], visible)]
+        return {"rows": rows.tobytes(), "dtype": numa_balancing.PROFILE_DTYPE.descr,
+                "page_size": k.page_size}
 
     async def check(self, req: P.Check) -> dict:
         from .invariants import check
@@ -518,7 +545,10 @@ class Syscalls:
     async def tasks(self, req: P.Tasks) -> dict:
         return {"tasks": [{"pid": t.pid, "os_pid": t.os_pid, "host": t.host, "cpu": t.cpu,
                            "command": t.command, "privileged": t.privileged,
-                           "cpuset": t.cpuset.name}
+                           "cpuset": t.cpuset.name,
+                           "numa_preferred_nid": t.numa_preferred_nid,
+                           "numa_faults": t.numa_faults.tolist(),
+                           "numa_scan_period_ms": round(t.numa_scan_period * 1000)}
                           for t in self.k.tasks.values() if not t.exiting]}
 
 
@@ -590,6 +620,7 @@ async def exit_task(k, task: Task) -> None:
                 await unmap_range(k, task, vma.start, vma.end)
     finally:
         k.tasks.pop(task.pid, None)
+        k.numa.forget(task.pid)
         procwatch.close(task.pidfd)
         task.pidfd = None
         log.info("task %d exited", task.pid)

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from .errors import ClusterError, NumaError
 from .keys import KEYS_ENV
 from .topology import Topology, TopologyError
@@ -157,6 +159,48 @@ def cmd_hardware(args) -> int:
     topo = Topology.from_dict(info["topology"])
     offline = [n for n in topo.nodes if stats[str(n)].get("offline")]
     print(hardware_text(topo, [stats[str(n)]["free"] for n in topo.nodes], offline), end="")
+    return 0
+
+
+def cmd_sysctl(args) -> int:
+    value = _call(args, "sysctl", name=args.name, value=args.value)["value"]
+    print(f"{args.name} = {value}")
+    return 0
+
+
+def cmd_vmstat(args) -> int:
+    for name, value in _call(args, "numastat")["vmstat"].items():
+        print(f"{name} {value}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    """numaemu profile [PID] [--seconds S] [--json | --csv FILE]."""
+    import time
+
+    from .cluster import profile_array
+
+    if args.seconds is not None:
+        _call(args, "access_profile", pid=args.pid, reset=True)
+        time.sleep(args.seconds)
+    rows = profile_array(_call(args, "access_profile", pid=args.pid))
+    names = rows.dtype.names
+    if args.json:
+        print(json.dumps([dict(zip(names, (int(v) for v in row))) for row in rows]))
+    elif args.csv:
+        with open(args.csv, "w") as f:
+            f.write(",".join(names) + "\n")
+            for row in rows:
+                f.write(",".join(str(int(v)) for v in row) + "\n")
+    else:
+        print(f"{'PID':>8} {'ADDRESS':>14} {'PAGE':>4} {'CPU':>4} {'COUNT':>7}")
+        for row in rows[np.argsort(-rows["count"], kind="stable")]:
+            print(f"{row['pid']:>8} {int(row['addr']):>14x} N{row['page_node']:<3} "
+                  f"N{row['cpu_node']:<3} {row['count']:>7}")
+        local = rows["count"][rows["page_node"] == rows["cpu_node"]].sum()
+        total = rows["count"].sum()
+        print(f"{len(rows)} rows, {total} hinting faults, "
+              f"{100 * local / total if total else 0:.0f}% local")
     return 0
 
 
@@ -387,6 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks", help="list the tasks attached to the cluster")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("sysctl", help="read or set a tunable (kernel.numa_balancing, ...)")
+    p.add_argument("name")
+    p.add_argument("value", nargs="?", type=int)
+    p.set_defaults(func=cmd_sysctl)
+
+    p = sub.add_parser("vmstat", help="migration and NUMA balancing counters, as /proc/vmstat")
+    p.set_defaults(func=cmd_vmstat)
+
+    p = sub.add_parser("profile", help="the access profile NUMA hinting faults recorded")
+    p.add_argument("pid", nargs="?", type=int)
+    p.add_argument("--seconds", type=float, default=None,
+                   help="forget what was recorded, wait this long, then report")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--csv", metavar="FILE")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("run", help="run COMMAND with a CPU binding and memory policy, like "
                        "numactl; its numaemu.attach() gets them")

@@ -25,8 +25,10 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 from .cpuset import Cpuset
-from .errors import ClusterError
+from .errors import ClusterError, NumaError
 from .task import Task
 from .topology import Topology
 from .transport import Connection
@@ -252,8 +254,35 @@ class Cluster:
         return {int(n): dict(s["numastat"]) for n, s in nodes.items()}
 
     def vmstat(self) -> dict[str, int]:
-        """Cluster-wide migration counters: pgmigrate_success, pgmigrate_fail."""
+        """Cluster-wide counters, named as in /proc/vmstat: pgmigrate_success,
+        pgmigrate_fail, numa_pte_updates, numa_hint_faults, numa_hint_faults_local,
+        numa_pages_migrated."""
         return dict(self._call("numastat")["vmstat"])
+
+    def sysctl(self, name: str, value: int | None = None) -> int:
+        """Read (or set: a privileged caller) a tunable: ``migrate_batch``,
+        ``kernel.numa_balancing`` (0 off, 1 on), ``kernel.numa_balancing_scan_delay_ms``,
+        ``..._scan_period_min_ms``, ``..._scan_period_max_ms``, ``..._scan_size_mb``, and
+        ``numaemu.numa_sampling`` (1: record hinting faults without acting on them)."""
+        return self._call("sysctl", name=name, value=value)["value"]
+
+    def access_profile(self, pid: int | None = None, reset: bool = False) -> np.ndarray:
+        """What NUMA hinting faults recorded since the last reset (of task ``pid``, or of
+        every task), one row per (task, page, page node, accessing node): a structured
+        array with fields ``addr``, ``pid``, ``page_node``, ``cpu_node``, ``count`` and
+        ``last_ns`` (monotonic time of the last fault).  ``reset`` forgets what it returns.
+        Sampling runs with ``kernel.numa_balancing`` or ``numaemu.numa_sampling`` set."""
+        reply = self._call("access_profile", pid=pid, reset=reset)
+        return profile_array(reply)
+
+    def numa_sched(self, pid: int) -> dict:
+        """Task ``pid``'s NUMA balancing state, like /proc/PID/sched: ``numa_preferred_nid``,
+        ``numa_faults`` (recent hinting faults per page node), ``numa_scan_period_ms``."""
+        for t in self._call("tasks")["tasks"]:
+            if t["pid"] == pid:
+                return {k: t[k] for k in ("numa_preferred_nid", "numa_faults",
+                                          "numa_scan_period_ms", "cpu")}
+        raise NumaError(3, f"no task with pid {pid}")
 
     def free_frames(self) -> dict[int, int]:
         """Free frames per node."""
@@ -270,6 +299,21 @@ class Cluster:
 
         state = read_state(self.run_dir or "") or {}
         return {"supervisor": state.get("supervisor_pid", 0), "children": state.get("pids", [])}
+
+
+def profile_array(reply: dict) -> np.ndarray:
+    """An ``access_profile`` reply as a structured array with an ``addr`` column."""
+    rows = np.frombuffer(reply["rows"], dtype=np.dtype([tuple(f) for f in reply["dtype"]]))
+    out = np.empty(len(rows), dtype=PROFILE_FIELDS)
+    out["addr"] = rows["vpn"].astype(np.uint64) * np.uint64(reply["page_size"])
+    for name in ("pid", "page_node", "cpu_node", "count", "last_ns"):
+        out[name] = rows[name]
+    return out
+
+
+#: The columns of ``Cluster.access_profile``.
+PROFILE_FIELDS = np.dtype([("addr", "<u8"), ("pid", "<i8"), ("page_node", "<i2"),
+                           ("cpu_node", "<i2"), ("count", "<i8"), ("last_ns", "<i8")])
 
 
 def _client_main(address: str, fn, args, cpu, privileged, uid, keys, conn) -> None:

@@ -490,11 +490,21 @@ class NodeFreeMap:
 
 @request("sysctl")
 class Sysctl:
-    """Read or (privileged) set a tunable, like /proc/sys/vm: ``migrate_batch``."""
+    """Read or (privileged) set a tunable, like /proc/sys: ``migrate_batch``,
+    ``kernel.numa_balancing*``, ``numaemu.numa_sampling``."""
 
-    pid: int
     name: Annotated[str, Limit(MAX_TEXT)]
     value: int | None = None
+    pid: int | None = None  # the calling task (None: the connection's caller)
+
+
+@request("access_profile")
+class AccessProfile:
+    """What NUMA hinting faults recorded (of task ``pid``, or every task); ``reset`` forgets
+    what is returned."""
+
+    pid: int | None = None
+    reset: bool = False
 
 
 @request("check")
