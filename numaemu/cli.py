@@ -162,6 +162,25 @@ def cmd_hardware(args) -> int:
     return 0
 
 
+def cmd_balance(args) -> int:
+    """numaemu balance: run the placement daemon in a privileged task until Ctrl-C."""
+    from . import balance
+    from .task import Task
+
+    try:
+        policy = balance.load_policy(args.policy)
+    except (ValueError, ImportError, AttributeError) as exc:
+        print(f"numaemu balance: {exc}", file=sys.stderr)
+        return 2
+    with Task(resolve_address(args.address), privileged=True, command="numaemu-balance") as task:
+        stats = balance.run(task, policy, interval_ms=args.interval_ms,
+                            rate_limit_mbps=args.rate_limit_mbps, pid=args.pid,
+                            duration=args.duration)
+    print(f"{stats.windows} windows: {stats.pages_moved} pages moved, {stats.pages_failed} "
+          f"failed, {stats.migrations} migrations, {stats.policy_errors} policy errors")
+    return 0
+
+
 def cmd_sysctl(args) -> int:
     value = _call(args, "sysctl", name=args.name, value=args.value)["value"]
     print(f"{args.name} = {value}")
@@ -178,7 +197,7 @@ def cmd_profile(args) -> int:
     """numaemu profile [PID] [--seconds S] [--json | --csv FILE]."""
     import time
 
-    from .cluster import profile_array
+    from .profile import profile_array
 
     if args.seconds is not None:
         _call(args, "access_profile", pid=args.pid, reset=True)
@@ -369,6 +388,11 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
+    if args.what == "placement":
+        from .bench_placement import main as placement
+
+        return placement(json_out=args.json, seconds=args.seconds or 6.0,
+                         plot_path=args.plot or None)
     topology = _topology_from_args(args) if args.what == "latency" else None
     return run_bench(args.what, json_out=args.json, pages=args.pages, repeat=args.repeat,
                      batch=args.batch, topology=topology, dilation=args.dilation,
@@ -440,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vmstat", help="migration and NUMA balancing counters, as /proc/vmstat")
     p.set_defaults(func=cmd_vmstat)
 
+    p = sub.add_parser("balance", help="a user-space placement daemon (numad-like) with a "
+                       "pluggable policy")
+    p.add_argument("--policy", default="follow-accesses",
+                   help="follow-accesses, hot-local, follow-task, or module:Class")
+    p.add_argument("--interval-ms", type=int, default=500)
+    p.add_argument("--rate-limit-mbps", type=float, default=None)
+    p.add_argument("--pid", type=int, default=None, help="balance this task only")
+    p.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    p.set_defaults(func=cmd_balance)
+
     p = sub.add_parser("profile", help="the access profile NUMA hinting faults recorded")
     p.add_argument("pid", nargs="?", type=int)
     p.add_argument("--seconds", type=float, default=None,
@@ -498,7 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("bench", help="measure the emulator against same-run baselines")
-    p.add_argument("what", choices=["startup", "fault", "access", "migrate", "latency", "all"])
+    p.add_argument("what", choices=["startup", "fault", "access", "migrate", "latency",
+                                    "placement", "all"])
+    p.add_argument("--seconds", type=_positive(float), default=None,
+                   help="placement: seconds per policy run (default 6)")
+    p.add_argument("--plot", default="numaemu-placement.png",
+                   help="placement: where to write the local-share plot (PNG); empty: none")
     p.add_argument("--json", action="store_true")
     p.add_argument("--pages", type=int, default=None,
                    help="pages to move (migrate: default 16384 = 64 MiB); pages per buffer "

@@ -29,6 +29,7 @@ import numpy as np
 
 from .cpuset import Cpuset
 from .errors import ClusterError, NumaError
+from .profile import profile_array
 from .task import Task
 from .topology import Topology
 from .transport import Connection
@@ -299,21 +300,6 @@ class Cluster:
 
         state = read_state(self.run_dir or "") or {}
         return {"supervisor": state.get("supervisor_pid", 0), "children": state.get("pids", [])}
-
-
-def profile_array(reply: dict) -> np.ndarray:
-    """An ``access_profile`` reply as a structured array with an ``addr`` column."""
-    rows = np.frombuffer(reply["rows"], dtype=np.dtype([tuple(f) for f in reply["dtype"]]))
-    out = np.empty(len(rows), dtype=PROFILE_FIELDS)
-    out["addr"] = rows["vpn"].astype(np.uint64) * np.uint64(reply["page_size"])
-    for name in ("pid", "page_node", "cpu_node", "count", "last_ns"):
-        out[name] = rows[name]
-    return out
-
-
-#: The columns of ``Cluster.access_profile``.
-PROFILE_FIELDS = np.dtype([("addr", "<u8"), ("pid", "<i8"), ("page_node", "<i2"),
-                           ("cpu_node", "<i2"), ("count", "<i8"), ("last_ns", "<i8")])
 
 
 def _client_main(address: str, fn, args, cpu, privileged, uid, keys, conn) -> None:

@@ -43,6 +43,7 @@ from . import protocol as P
 from .constants import MAX_REQUEST_PAGES, TASK_SIZE, MoveFlag
 from .errors import ClusterError, NumaError
 from .latency import MIGRATION_WAIT_NS, LatencyModel, Pacer
+from .profile import profile_array
 from .topology import Topology
 from .transport import Connection, context
 
@@ -631,6 +632,21 @@ class Task:
     def numa_maps(self, pid: int | None = None) -> str:
         """The task's ``/proc/<pid>/numa_maps`` text."""
         return self._conn_call_pid("numa_maps", argcheck.optional_pid(pid))["text"]
+
+    def access_profile(self, pid: int | None = None, reset: bool = False) -> np.ndarray:
+        """What NUMA hinting faults recorded (``Cluster.access_profile``), of task ``pid``
+        or of every task this one may read (a privileged task: all)."""
+        with self._req_lock:
+            if self._closed:
+                raise ClusterError(f"task {self.pid} is closed")
+            reply = self._conn.call("access_profile", pid=argcheck.optional_pid(pid),
+                                    reset=bool(reset))
+        return profile_array(reply)
+
+    def cluster_tasks(self) -> list[dict]:
+        """Every task attached to the cluster: pid, cpu, cpuset, command, NUMA state."""
+        with self._req_lock:
+            return self._conn.call("tasks")["tasks"]
 
     def _conn_call_pid(self, op: str, pid: int | None) -> dict:
         with self._req_lock:
