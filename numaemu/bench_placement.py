@@ -105,31 +105,40 @@ def run_policy(policy: str, seconds: float, pages: int) -> dict:
 
 
 def summarize(policy: str, series: list, seconds: float, migrated: int) -> dict:
-    """Local share over time (both tasks, SAMPLE bins), convergence times, late latency.
+    """Local share over time (SAMPLE bins), convergence times, late latency.
 
-    Each task's counters are accumulated and interpolated onto one time grid, so a bin
-    holds both tasks' accesses even when their samples fall at different moments."""
+    Each task's counters are accumulated and interpolated onto one time grid (its samples
+    fall at other moments than the other task's), and the tasks count equally: a task
+    that the machine happens to run faster must not hide a misplaced one."""
     bins = int(seconds / SAMPLE) + 1
     edges = np.arange(bins + 1) * SAMPLE
-    local, total, ns = np.zeros(bins), np.zeros(bins), np.zeros(bins)
+    times = edges[1:]
+    late = times > seconds * 0.75
+    shares, late_share, late_ns = [], [], []
     for samples in series:
         t = np.array([0.0] + [s[0] for s in samples])
-        for out, column in ((local, 1), (total, 2), (ns, 3)):
-            cumulative = np.concatenate(([0.0], np.cumsum([s[column] for s in samples])))
-            out += np.diff(np.interp(edges, t, cumulative))
-    share = np.divide(local, total, out=np.zeros(bins), where=total > 0)
-    times = (np.arange(bins) + 1) * SAMPLE
+        local, total, ns = (np.diff(np.interp(edges, t, np.concatenate(
+            ([0.0], np.cumsum([s[c] for s in samples]))))) for c in (1, 2, 3))
+        shares.append(np.divide(local, total, out=np.zeros(bins), where=total > 0))
+        late_share.append(local[late].sum() / max(1.0, total[late].sum()))
+        late_ns.append(ns[late].sum() / max(1.0, total[late].sum()))
+    share = np.mean(shares, axis=0)
     half = seconds / 2
 
     def converge(lo: float, hi: float) -> float | None:
-        sel = np.flatnonzero((times > lo) & (times <= hi) & (share >= CONVERGED))
+        """Seconds from ``lo`` until the share is back at CONVERGED after its dip (0.0: it
+        never dipped; None: it never got there)."""
+        phase = (times > lo) & (times <= hi)
+        dip = np.flatnonzero(phase & (share < CONVERGED))
+        if len(dip) == 0:
+            return 0.0
+        sel = np.flatnonzero(phase & (times > times[dip[0]]) & (share >= CONVERGED))
         return None if len(sel) == 0 else round(float(times[sel[0]] - lo), 2)
 
-    late = times > seconds * 0.75
-    return {"policy": policy, "times": times.round(2).tolist(), "local_share":
-            share.round(4).tolist(),
-            "late_local_share": float(local[late].sum() / max(1, total[late].sum())),
-            "late_ns_per_access": float(ns[late].sum() / max(1, total[late].sum())),
+    return {"policy": policy, "times": times.round(2).tolist(),
+            "local_share": share.round(4).tolist(),
+            "late_local_share": float(np.mean(late_share)),
+            "late_ns_per_access": float(np.mean(late_ns)),
             "converge_phase1_s": converge(0, half), "converge_phase2_s": converge(half, seconds),
             "pages_migrated": migrated}
 

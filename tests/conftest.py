@@ -78,3 +78,20 @@ def task4(cluster4):
     t = cluster4.attach(cpu=0)
     yield t
     t.close()
+
+
+#: A NUMA scanner that runs at once and often, so a test sees several scan periods in
+#: seconds (coordinator/numa_balancing.py).
+FAST_SCAN = {"kernel.numa_balancing_scan_delay_ms": 0,
+             "kernel.numa_balancing_scan_period_min_ms": 100,
+             "kernel.numa_balancing_scan_size_mb": 1}
+
+
+@pytest.fixture(scope="module")
+def scanning_machine():
+    """A 2-node machine with the fast NUMA scanner, one per test module."""
+    with numaemu.Cluster(small_topology(nodes=2, frames=4096)) as c:
+        for name, value in FAST_SCAN.items():
+            c.sysctl(name, value)
+        yield c
+    assert cluster_is_gone(c.cluster_id)

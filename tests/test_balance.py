@@ -15,23 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cluster_is_gone, small_topology
 from test_migration_concurrent import PS
-from test_numa_balancing import FAST, _reader
+from test_numa_balancing import _reader
 
-import numaemu
 from numaemu import balance
 
 EXAMPLES = str(Path(__file__).resolve().parent.parent / "examples")
 
 
 @pytest.fixture(scope="module")
-def machine():
-    with numaemu.Cluster(small_topology(nodes=2, frames=4096)) as c:
-        for name, value in FAST.items():
-            c.sysctl(name, value)
-        yield c
-    assert cluster_is_gone(c.cluster_id)
+def machine(scanning_machine):
+    return scanning_machine
 
 
 @pytest.fixture(autouse=True)

@@ -15,24 +15,14 @@ import sys
 import time
 
 import pytest
-from conftest import cluster_is_gone, small_topology
 from test_migration_concurrent import GO, PS, STOP, _incrementer, assert_increments
 
-import numaemu
 from numaemu import MPOL_BIND, NumaError
-
-FAST = {"kernel.numa_balancing_scan_delay_ms": 0,
-        "kernel.numa_balancing_scan_period_min_ms": 100,
-        "kernel.numa_balancing_scan_size_mb": 1}
 
 
 @pytest.fixture(scope="module")
-def machine():
-    with numaemu.Cluster(small_topology(nodes=2, frames=4096)) as c:
-        for name, value in FAST.items():
-            c.sysctl(name, value)
-        yield c
-    assert cluster_is_gone(c.cluster_id)
+def machine(scanning_machine):
+    return scanning_machine
 
 
 @pytest.fixture
