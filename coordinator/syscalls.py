@@ -135,6 +135,8 @@ class Syscalls:
             task.pidfd = procwatch.pidfd_open(req.os_pid)
             if task.pidfd is None:
                 raise NumaError(errno.ESRCH, f"no local process {req.os_pid}")
+            # The process sentinel: a client that exits without detaching is reaped at once.
+            procwatch.watch(task.pidfd, lambda: k.schedule_reap(task))
         k.tasks[pid] = task
         log.info("task %d attached (os pid %d on %s, cpu %d%s)", pid, req.os_pid, req.host, cpu,
                  ", privileged" if req.privileged else "")

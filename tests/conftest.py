@@ -10,6 +10,8 @@ import pytest
 import numaemu
 from nodes.segment import cluster_segments
 
+pytest_plugins = ["pytester"]  # tests/test_pytest_plugin.py runs users' test files
+
 
 @pytest.fixture(scope="session", autouse=True)
 def run_dir(tmp_path_factory):

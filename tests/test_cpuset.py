@@ -232,7 +232,7 @@ def test_numaemu_run_starts_a_task_in_a_cpuset_and_the_cli_manages_them(machine,
     sets_cli = machine.cpuset("cli")
     assert (sets_cli.cpus, sets_cli.mems, sets_cli.memory_migrate) == ((4, 5), (2,), True)
     script = ("import json, numaemu; t = numaemu.attach(); "
-              "print(json.dumps([t.cpu, sorted(t.get_mempolicy(flags=4)[1])]))")
+              "print(json.dumps([t.cpu, sorted(t.get_mempolicy(flags=4)[1])])); t.close()")
     out = run("run", "--cpuset", "cli", "--", sys.executable, "-c", script)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [4, [2]]
