@@ -53,6 +53,10 @@ HEARTBEAT = 1.0
 STOP_POLL_MS = 50
 
 
+#: ``Task._npfn`` of a slot that maps the shared zero page (no frame: reads are zeros).
+ZERO_PFN = -2
+
+
 class MoveResult(list):
     """move_pages statuses (a list: node or negative errno per page), plus
     ``not_migrated``: the call's positive return value (pages not migrated)."""
@@ -78,6 +82,11 @@ class Mapping:
     def pages(self) -> list[int]:
         """Addresses of every page of the mapping."""
         return list(range(self.addr, self.addr + self.length, self.task.page_size))
+
+    def ndarray(self, dtype: Any = np.int64, offset: int = 0,
+                shape: tuple[int, ...] | int | None = None):
+        """This mapping as a numpy-like array (``Task.ndarray``)."""
+        return self.task.ndarray(self, dtype, offset, shape)
 
     def __repr__(self) -> str:
         return f"Mapping(addr={self.addr:#x}, length={self.length})"
@@ -122,6 +131,12 @@ class Task:
         self._rtlb: list[memoryview | None] = []
         self._wtlb: list[memoryview | None] = []
         self._tnode: list[int] = []
+        # The same TLB as numpy arrays, for vectorised access (numaemu/ndarray.py): frame
+        # per slot (-1 none, ZERO_PFN the zero page), node, writable; kept in step with the
+        # lists under the access lock, and never shorter than them.
+        self._npfn = np.full(0, -1, dtype=np.int64)
+        self._nnode = np.zeros(0, dtype=np.int64)
+        self._nwrite = np.zeros(0, dtype=bool)
         self._zero = memoryview(bytes(self.page_size))
         nn = self.topology.num_nodes
         self._pages_by_node = [0] * nn  # since the last fold, at the current CPU node
@@ -255,6 +270,23 @@ class Task:
 
         self.read = read
         self.write = write
+
+    #: Pages one fault request of a vectorised access asks for at most.
+    MAX_FAULT = MAX_REQUEST_PAGES
+
+    def ndarray(self, mapping: Mapping, dtype: Any = np.int64, offset: int = 0,
+                shape: tuple[int, ...] | int | None = None):
+        """A view of ``mapping`` from ``offset`` as an array of ``dtype`` (``shape``: all of
+        it as 1-D by default): ``a[idx]`` gathers and ``a[idx] = v`` scatters through the
+        access path, vectorised, with exact per-element accounting (numaemu/ndarray.py)."""
+        from .ndarray import TaskArray
+
+        if not isinstance(mapping, Mapping) or mapping.task is not self:
+            raise NumaError(errno.EINVAL, "ndarray needs a Mapping of this task")
+        offset = argcheck.integer("offset", offset)
+        if not 0 <= offset <= mapping.length:
+            raise NumaError(errno.EINVAL, f"offset {offset} is outside the mapping")
+        return TaskArray(self, mapping.addr + offset, mapping.length - offset, dtype, shape)
 
     def inject_delays(self, dilation: float | None) -> None:
         """Busy-wait each access's modeled cost times ``dilation`` (None: stop injecting),
@@ -424,6 +456,21 @@ class Task:
             rtlb.extend([None] * grow)
             wtlb.extend([None] * grow)
             tnode.extend([self.node] * grow)
+        if need > len(self._npfn):
+            size = max(need, 2 * len(self._npfn))
+            self._npfn = np.concatenate((self._npfn, np.full(size - len(self._npfn), -1)))
+            self._nnode = np.concatenate((self._nnode,
+                                          np.zeros(size - len(self._nnode), dtype=np.int64)))
+            self._nwrite = np.concatenate((self._nwrite,
+                                           np.zeros(size - len(self._nwrite), dtype=bool)))
+        if idx:
+            at = np.asarray(idx, dtype=np.int64)
+            pr = np.asarray(prot, dtype=np.int64)
+            keep = ~np.isin(at, list(stale)) if stale else np.ones(len(at), dtype=bool)
+            zero = (pr & P.PROT_ZERO) != 0
+            self._npfn[at[keep]] = np.where(zero, ZERO_PFN, np.asarray(pfns))[keep]
+            self._nnode[at[keep]] = np.where(zero, self.node, np.asarray(nodes))[keep]
+            self._nwrite[at[keep]] = ((pr & P.PROT_WRITE) != 0)[keep] & ~zero[keep]
         ps = self.page_size
         views = self._views
         for i, nd, pfn, pr in zip(idx, nodes, pfns, prot):
@@ -462,8 +509,10 @@ class Task:
             lo, hi = max(0, int(idx[a])), min(size, int(idx[b - 1]) + 1)
             if lo < hi:
                 wtlb[lo:hi] = [None] * (hi - lo)
+                self._nwrite[lo:hi] = False
                 if not write_only:
                     rtlb[lo:hi] = [None] * (hi - lo)
+                    self._npfn[lo:hi] = -1
 
     def _drop_vpns(self, vpns: np.ndarray | None) -> None:
         """Drop our translations of ``vpns`` (None: all of them)."""
@@ -481,6 +530,9 @@ class Task:
             while end and rtlb[end - 1] is None and wtlb[end - 1] is None:
                 end -= 1
             del rtlb[end:], wtlb[end:], tnode[end:]
+            self._npfn, self._nnode, self._nwrite = (self._npfn[:end].copy(),
+                                                     self._nnode[:end].copy(),
+                                                     self._nwrite[:end].copy())
 
     def _drop_range(self, addr: int, length: int) -> None:
         """Drop our translations of ``[addr, addr + length)``."""
@@ -721,6 +773,8 @@ class Task:
         with self._access_lock:
             self._rtlb.clear()
             self._wtlb.clear()
+            self._npfn[:] = -1
+            self._nwrite[:] = False
         shootdown = getattr(self, "_shootdown", None)
         if shootdown is not None:
             shootdown.stop()
@@ -732,6 +786,8 @@ class Task:
         with self._access_lock:
             self._rtlb.clear()
             self._wtlb.clear()
+            self._npfn[:] = -1
+            self._nwrite[:] = False
         for view in self._views.values():
             view.release()
         self._views.clear()
