@@ -20,6 +20,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("policies.py", "MPOL_BIND with no nodes: EINVAL"),
     ("relocate_and_migrate.py", "0 pages not moved; pages on {1}: 80.4 ns per read"),
     ("latency_matrix.py", "168.84"),
+    ("gups.py", "GUPS verified"),
+    ("stream_triad.py", "triad verified"),
 ])
 def test_example_runs(cluster, tmp_path, name, expect):
     env = dict(os.environ, NUMAEMU_ADDRESS=cluster.address)
