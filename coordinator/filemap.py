@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 from numaemu.errors import NumaError
 
@@ -148,7 +149,7 @@ async def fill_from_file(kernel, obj: SharedObject, idx: np.ndarray, nodes: np.n
     # File I/O never runs in the event loop (a slow disk must not stall the coordinator).
     data = await asyncio.to_thread(_read_file_pages, obj.name, idx.tolist(), ps)
     view = memoryview(data)
-    for n in np.unique(nodes).tolist():
+    for n in arrayops.values(nodes):
         for sel in _chunks(np.flatnonzero(nodes == n), ps):
             chunk = b"".join(view[i * ps : (i + 1) * ps] for i in sel.tolist())
             await kernel.node(n).peer.call(P.WriteFrames(pfns=pfns[sel].astype(P.PFN),
@@ -220,7 +221,7 @@ async def writeback(kernel, obj: SharedObject, indices: np.ndarray | None = None
         live = ~poisoned(kernel, nodes)  # a dead node's pages are lost: nothing to write
         indices, entries, nodes, pfns = indices[live], entries[live], nodes[live], pfns[live]
         dirty = np.zeros(len(indices), dtype=bool)
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             sel = nodes == n
             dirty[sel] = (kernel.tables[n].flags[pfns[sel]] & PG_DIRTY) != 0
         indices, entries, nodes, pfns = indices[dirty], entries[dirty], nodes[dirty], pfns[dirty]
@@ -248,7 +249,7 @@ async def wait_writeback(kernel, obj: SharedObject, indices: np.ndarray) -> None
         entries = obj.cache[indices[indices < len(obj.cache)]]
         entries = entries[entries != 0]
         nodes, pfns = pte_node(entries), pte_pfn(entries)
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             mine = pfns[nodes == n]
             busy = mine[(kernel.tables[n].flags[mine] & PG_WRITEBACK) != 0]
             if len(busy):
@@ -278,17 +279,17 @@ async def _writeback_locked(kernel, obj: SharedObject, indices, nodes, pfns) -> 
                 vma.pte[offs] &= ~PTE_WRITE
                 targets.setdefault(task, []).append(offs + vma.start)
         await flush_tlb(kernel, targets, write_only=True)
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             table = kernel.tables[n]
             sel = pfns[nodes == n]
             table.flags[sel] = (table.flags[sel] & ~int(PG_DIRTY)) | PG_WRITEBACK
     finally:
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             kernel.locks.unlock(n, pfns[nodes == n])
     try:
         await _write_pages(kernel, obj, indices, nodes, pfns)
     finally:
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             kernel.locks.end_writeback(n, pfns[nodes == n])
     return len(indices)
 
@@ -296,7 +297,7 @@ async def _writeback_locked(kernel, obj: SharedObject, indices, nodes, pfns) -> 
 async def _write_pages(kernel, obj, indices, nodes, pfns) -> None:
     ps = kernel.page_size
     contents: dict[int, bytes] = {}
-    for n in np.unique(nodes).tolist():
+    for n in arrayops.values(nodes):
         for sel in _chunks(np.flatnonzero(nodes == n), ps):
             reply = await kernel.node(n).peer.call(P.ReadFrames(pfns=pfns[sel].astype(P.PFN)))
             data = reply["data"]
@@ -314,7 +315,7 @@ async def _write_pages(kernel, obj, indices, nodes, pfns) -> None:
 def trylock_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarray:
     """trylock_page on every page; the mask of those taken."""
     got = np.zeros(len(pfns), dtype=bool)
-    for n in np.unique(nodes).tolist():
+    for n in arrayops.values(nodes):
         sel = np.flatnonzero(nodes == n)
         got[sel] = kernel.locks.trylock(n, pfns[sel])
     return got

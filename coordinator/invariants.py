@@ -21,6 +21,7 @@ import asyncio
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 
 from .pages import PG_ISOLATED, PTE_MIGRATION, PTE_PRESENT, pte_node, pte_pfn
@@ -49,13 +50,13 @@ async def check(kernel) -> list[str]:
         for vma in task.vmas:
             ptes = vma.pte[(vma.pte & (PTE_PRESENT | PTE_MIGRATION)) != 0]
             nodes, pfns = pte_node(ptes), pte_pfn(ptes)
-            for n in np.unique(nodes).tolist():
-                np.add.at(maps[n], pfns[nodes == n], 1)
+            for n in arrayops.values(nodes):
+                arrayops.add_at(maps[n], pfns[nodes == n], 1)
     for obj in kernel.objects.values():
         entries = obj.cache[obj.cache != 0]
         nodes, pfns = pte_node(entries), pte_pfn(entries)
-        for n in np.unique(nodes).tolist():
-            np.add.at(cache_refs[n], pfns[nodes == n], 1)
+        for n in arrayops.values(nodes):
+            arrayops.add_at(cache_refs[n], pfns[nodes == n], 1)
     for n, table in enumerate(kernel.tables):
         if n not in free_maps:
             continue

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 from numaemu.errors import NumaError
 from numaemu.topology import Topology
@@ -244,7 +245,7 @@ class Kernel:
         so instead of explaining its reference away)."""
         refs = np.zeros(len(self.tables[node].refcount), dtype=np.int64)
         for _pid, nodes, pfns in self.pins.values():
-            np.add.at(refs, pfns[nodes == node], 1)
+            arrayops.add_at(refs, pfns[nodes == node], 1)
         return refs
 
     async def _take(self, node: int, count: int) -> np.ndarray:
@@ -308,10 +309,10 @@ class Kernel:
 
     async def put_pages(self, nodes: np.ndarray, pfns: np.ndarray) -> None:
         """Drop one reference from each page; free those that reach zero (put_page)."""
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             sel = pfns[nodes == n]
             table = self.tables[n]
-            np.subtract.at(table.refcount, sel, 1)
+            arrayops.subtract_at(table.refcount, sel, 1)
             dead = sel[table.refcount[sel] <= 0]
             if len(dead):
-                await self.free_frames(n, np.unique(dead))
+                await self.free_frames(n, arrayops.unique(dead))

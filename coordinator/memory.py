@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 from numaemu.errors import NumaError
 
@@ -60,7 +61,7 @@ class _Retry(Exception):
 
 async def handle_fault(kernel, task: Task, vpns: np.ndarray, write: bool):
     """Fault in ``vpns``; return (vpns, nodes, pfns, prot bits, page-lock waits)."""
-    vpns = np.unique(vpns.astype(np.int64))
+    vpns = arrayops.unique(vpns.astype(np.int64))
     waits = 0
     async with task.mmap_lock.read():
         while True:
@@ -87,7 +88,7 @@ async def _fault_once(kernel, task: Task, vpns: np.ndarray, write: bool):
         raise NumaError(errno.EFAULT, f"address {bad:#x} is not mapped (SIGSEGV)")
     vmas = list(task.vmas)
     groups = []
-    for vi in np.unique(where).tolist():
+    for vi in arrayops.values(where):
         sel = np.flatnonzero(where == vi)
         vma = vmas[vi]
         offs = vpns[sel] - vma.start
@@ -168,7 +169,7 @@ def _wait_for_migration(ptes: np.ndarray) -> None:
 
 def _wait_if_locked(kernel, ptes: np.ndarray) -> None:
     nodes, pfns = pte_node(ptes), pte_pfn(ptes)
-    for n in np.unique(nodes).tolist():
+    for n in arrayops.values(nodes):
         sel = pfns[nodes == n]
         locked = (kernel.tables[n].flags[sel] & PG_LOCKED) != 0
         if locked.any():
@@ -198,7 +199,7 @@ async def fault_anon(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bool
         # The mmap lock is held for read, so only this task could have changed these
         # entries meanwhile; give back frames for any that are no longer empty.
         lost = vma.pte[new_offs] != before
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             table = kernel.tables[n]
             mine = (nodes == n) & ~lost
             table.refcount[pfns[mine]] = 1
@@ -237,10 +238,10 @@ async def fault_shared(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bo
         missing[np.flatnonzero(missing)[~still]] = False
         entries = entries[still]
         new_nodes, new_pfns = pte_node(entries), pte_pfn(entries)
-        for n in np.unique(new_nodes).tolist():
+        for n in arrayops.values(new_nodes):
             sel = new_pfns[new_nodes == n]
-            np.add.at(kernel.tables[n].mapcount, sel, 1)
-            np.add.at(kernel.tables[n].refcount, sel, 1)
+            arrayops.add_at(kernel.tables[n].mapcount, sel, 1)
+            arrayops.add_at(kernel.tables[n].refcount, sel, 1)
         # shm pages have no writeback, so map them writable; file pages start read-only so
         # that the first store faults and dirties the page.
         writable = write or obj.kind == "shm"
@@ -256,7 +257,7 @@ async def fault_shared(kernel, task: Task, vma: Vma, offs: np.ndarray, write: bo
     ptes = vma.pte[offs]
     if write or obj.kind == "shm":
         nodes, pfns = pte_node(ptes), pte_pfn(ptes)
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             kernel.tables[n].flags[pfns[nodes == n]] |= PG_DIRTY
     return ptes
 
@@ -281,7 +282,7 @@ async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) ->
         # Someone may have inserted some of these pages while we allocated.
         raced = obj.cache[new_idx] != 0
         ours = ~raced
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             extra = pfns[(nodes == n) & raced]
             if len(extra):
                 await kernel.free_frames(n, extra)
@@ -294,18 +295,18 @@ async def find_or_create_pages(kernel, task: Task, vma: Vma, idx: np.ndarray) ->
                 await fill_from_file(kernel, obj, ins_idx, ins_nodes, ins_pfns)
         except Exception:
             obj.cache[ins_idx] = 0
-            for n in np.unique(ins_nodes).tolist():
+            for n in arrayops.values(ins_nodes):
                 sel = ins_pfns[ins_nodes == n]
                 kernel.locks.unlock(n, sel)
                 await kernel.free_frames(n, sel)
             raise
-        for n in np.unique(ins_nodes).tolist():
+        for n in arrayops.values(ins_nodes):
             sel = ins_pfns[ins_nodes == n]
             kernel.tables[n].flags[sel] |= PG_UPTODATE
             kernel.locks.unlock(n, sel)
         entries = obj.cache[idx]
     nodes, pfns = pte_node(entries), pte_pfn(entries)
-    for n in np.unique(nodes).tolist():
+    for n in arrayops.values(nodes):
         sel = np.flatnonzero(nodes == n)
         locked = (kernel.tables[n].flags[pfns[sel]] & PG_LOCKED) != 0
         if locked.any():
@@ -332,7 +333,7 @@ async def _alloc_shm_pages(kernel, task: Task, obj, idx: np.ndarray):
                 mems=kernel.mems_allowed(task))
             done[sel] = True
     except BaseException:
-        for n in np.unique(nodes[done]).tolist():
+        for n in arrayops.values(nodes[done]):
             await kernel.free_frames(n, pfns[done & (nodes == n)])
         raise
     return nodes, pfns
@@ -346,6 +347,6 @@ async def zap_vma(kernel, vma: Vma) -> None:
     if len(ptes) == 0:
         return
     nodes, pfns = pte_node(ptes), pte_pfn(ptes)
-    for n in np.unique(nodes).tolist():
-        np.subtract.at(kernel.tables[n].mapcount, pfns[nodes == n], 1)
+    for n in arrayops.values(nodes):
+        arrayops.subtract_at(kernel.tables[n].mapcount, pfns[nodes == n], 1)
     await kernel.put_pages(nodes, pfns)

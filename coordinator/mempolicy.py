@@ -28,6 +28,7 @@ from numbers import Integral
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu.constants import (
     MAX_NUMNODES,
     MPOL_MAX,
@@ -472,7 +473,7 @@ def _fill(group: np.ndarray, orders: list[list[int]], free: np.ndarray) -> np.nd
             raise NumaError(errno.ENOMEM, "no node left with a free frame for this allocation")
         # The run ends at the first page that would take one frame too many from its node.
         stop = len(target)
-        for n in np.unique(target):
+        for n in arrayops.unique(target):
             takers = np.flatnonzero(target == n)
             if len(takers) > remaining[n]:
                 stop = min(stop, int(takers[remaining[n]]))

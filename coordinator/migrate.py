@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 from numaemu.errors import ClusterError, NumaError
 
@@ -102,7 +103,7 @@ async def isolate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarr
     ok = np.zeros(len(pfns), dtype=bool)
     key = nodes.astype(np.int64) << 40 | pfns
     _, first = np.unique(key, return_index=True)  # a page listed twice is isolated once
-    for n in np.unique(nodes).tolist():
+    for n in arrayops.values(nodes):
         sel = first[nodes[first] == n]
         table = kernel.tables[n]
         sel = sel[(table.flags[pfns[sel]] & PG_LRU) != 0]
@@ -149,7 +150,7 @@ async def migrate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray, targets: np
             sync = npass >= ASYNC_PASSES
             if npass and not sync:
                 await asyncio.sleep(0)  # let the holders of busy pages run
-            pairs = np.unique(nodes[pending].astype(np.int64) << 16 | targets[pending])
+            pairs = arrayops.unique(nodes[pending].astype(np.int64) << 16 | targets[pending])
             for s, t in ((int(p) >> 16, int(p) & 0xFFFF) for p in pairs):
                 group = pending[(nodes[pending] == s) & (targets[pending] == t)]
                 chunks = [group[i : i + batch] for i in range(0, len(group), batch)]
@@ -161,7 +162,7 @@ async def migrate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray, targets: np
         # Pages that did not move go back to their LRU; moved ones were put back already.
         failed = rc != 0
         back = np.flatnonzero(failed | same)
-        for n in np.unique(nodes[back]).tolist():
+        for n in arrayops.values(nodes[back]):
             await putback_pages(kernel, n, pfns[back[nodes[back] == n]])
         kernel.vmstat.pgmigrate_success += int(np.count_nonzero(~failed & ~same))
         kernel.vmstat.pgmigrate_fail += int(np.count_nonzero(failed))

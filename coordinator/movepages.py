@@ -21,6 +21,7 @@ import errno
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu.constants import MAX_NUMNODES
 from numaemu.errors import NumaError
 
@@ -43,7 +44,7 @@ def _lookup(kernel, task: Task, vpns: np.ndarray):
     ptes = np.zeros(n, dtype=np.int64)
     where = task.locate(vpns)
     vmas = task.vmas
-    for vi in np.unique(where[where >= 0]).tolist():
+    for vi in arrayops.values(where[where >= 0]):
         sel = np.flatnonzero(where == vi)
         vma = vmas[vi]
         ptes[sel] = vma.pte[vpns[sel] - vma.start]
@@ -58,7 +59,7 @@ def _lookup(kernel, task: Task, vpns: np.ndarray):
 
 def _shared(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarray:
     shared = np.zeros(len(pfns), dtype=bool)
-    for n in np.unique(nodes).tolist():
+    for n in arrayops.values(nodes):
         sel = nodes == n
         shared[sel] = kernel.tables[n].mapcount[pfns[sel]] > 1
     return shared
@@ -181,7 +182,7 @@ async def migrate_to_node(kernel, task: Task, src: int, dst: int, move_all: bool
             ptes = vma.pte[(vma.pte & PTE_PRESENT) != 0]
             ptes = ptes[pte_node(ptes) == src]
             found.append(pte_pfn(ptes))
-    pfns = np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
+    pfns = arrayops.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
     nodes = np.full(len(pfns), src, dtype=np.int16)
     if not move_all:
         pfns = pfns[~_shared(kernel, nodes, pfns)]  # shared pages stay, and do not count
@@ -242,8 +243,8 @@ async def pin_pages(kernel, task: Task, start: int, end: int) -> int:
     _, nodes, pfns, _, _ = await handle_fault(kernel, task, vpns, True)
     if task.exiting:  # reaped while faulting: its pins would never be dropped
         raise NumaError(errno.ESRCH, f"task {task.pid} has exited")
-    for n in np.unique(nodes).tolist():
-        np.add.at(kernel.tables[n].refcount, pfns[nodes == n], 1)
+    for n in arrayops.values(nodes):
+        arrayops.add_at(kernel.tables[n].refcount, pfns[nodes == n], 1)
     pin = kernel._next_pin
     kernel._next_pin += 1
     kernel.pins[pin] = (task.pid, nodes.astype(np.int16), pfns.astype(np.int64))

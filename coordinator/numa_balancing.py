@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 from numaemu.errors import NumaError
 
@@ -167,7 +168,7 @@ def hinting_faults(kernel, task, vpns: np.ndarray, ptes: np.ndarray) -> None:
     nb.record(rows)
     # last_nid of each page, read before it is updated: the two-stage filter.
     previous = np.full(len(vpns), -1, dtype=np.int16)
-    for n in np.unique(page_nodes).tolist():
+    for n in arrayops.values(page_nodes):
         sel = page_nodes == n
         table = kernel.tables[n]
         previous[sel] = table.last_nid[pfns[sel]]

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 from numaemu.views import numa_maps_line
 
@@ -39,7 +40,7 @@ async def numa_maps(kernel, task) -> str:
         nodes, pfns = pte_node(ptes), pte_pfn(ptes)
         anon = dirty = mapmax = writeback = active = 0
         per_node: dict[int, int] = {}
-        for n in np.unique(nodes).tolist():
+        for n in arrayops.values(nodes):
             sel = nodes == n
             table = kernel.tables[n]
             flags = table.flags[pfns[sel]]

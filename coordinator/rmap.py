@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from numaemu import arrayops
+
 from .filemap import mappers
 from .pages import PTE_MIGRATION, PTE_NUMA, PTE_PRESENT, PTE_WRITE, make_ptes
 
@@ -45,12 +47,12 @@ def rmap_walk(kernel, node: int, pfns: np.ndarray):
     table = kernel.tables[node]
     mapping, index, owner = table.mapping[pfns], table.index[pfns], table.owner[pfns]
     anon = mapping == 0
-    for pid in np.unique(owner[anon]).tolist():
+    for pid in arrayops.values(owner[anon]):
         task = kernel.tasks.get(pid)
         if task is not None:
             sel = np.flatnonzero(anon & (owner == pid))
             yield task, index[sel], sel
-    for oid in np.unique(mapping[~anon]).tolist():
+    for oid in arrayops.values(mapping[~anon]):
         obj = kernel.objects.get(oid)
         if obj is None:
             continue
@@ -66,7 +68,7 @@ def _ptes_at(task, vpns: np.ndarray):
     """(vma, offset) groups for ``vpns`` that are mapped in ``task``."""
     where = task.locate(vpns)
     vmas = task.vmas
-    for vi in np.unique(where[where >= 0]).tolist():
+    for vi in arrayops.values(where[where >= 0]):
         sel = np.flatnonzero(where == vi)
         vma = vmas[vi]
         yield vma, vpns[sel] - vma.start, sel
@@ -87,11 +89,11 @@ def try_to_migrate(kernel, node: int, pfns: np.ndarray) -> tuple[MigrationEntrie
             offs, pages = offs[mine], idx[sel][mine]
             write = ptes[mine] & PTE_WRITE
             vma.pte[offs] = (want[pages] & ~PTE_PRESENT) | PTE_MIGRATION | write
-            np.add.at(unmapped, pages, 1)
+            arrayops.add_at(unmapped, pages, 1)
             record.by_task.append((task, offs + vma.start, pages, write))
     table = kernel.tables[node]
-    np.subtract.at(table.mapcount, pfns, unmapped)
-    np.subtract.at(table.refcount, pfns, unmapped)
+    arrayops.subtract_at(table.mapcount, pfns, unmapped)
+    arrayops.subtract_at(table.refcount, pfns, unmapped)
     return record, unmapped
 
 
@@ -112,5 +114,5 @@ def remove_migration_entries(kernel, record: MigrationEntries, which: np.ndarray
             if len(offs) == 0:
                 continue
             vma.pte[offs] = make_ptes(new_node, new_pfns[got], write[sel][still] != 0)
-            np.add.at(table.mapcount, new_pfns[got], 1)
-            np.add.at(table.refcount, new_pfns[got], 1)
+            arrayops.add_at(table.mapcount, new_pfns[got], 1)
+            arrayops.add_at(table.refcount, new_pfns[got], 1)

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from numaemu import arrayops
 from numaemu import protocol as P
 
 from . import procwatch
@@ -43,7 +44,7 @@ async def flush_tlb(kernel, targets: dict, *, write_only: bool = False) -> None:
     for task, chunks in targets.items():
         if task.tlb is None or task.exiting:
             continue  # it never registered a TLB, so it caches nothing
-        vpns = np.unique(np.concatenate(chunks)).astype(P.VPN)
+        vpns = arrayops.unique(np.concatenate(chunks)).astype(P.VPN)
         # The caller of the running syscall flushed its own TLB before asking (the kernel's
         # local flush): no IPI to it for those pages.
         flushed = task.self_flushed

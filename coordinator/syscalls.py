@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from numaemu import argcheck
+from numaemu import argcheck, arrayops
 from numaemu import protocol as P
 from numaemu.constants import (
     MAX_NUMNODES,
@@ -302,7 +302,7 @@ class Syscalls:
                     lo, hi = max(start, vma.start) - vma.start, min(end, vma.end) - vma.start
                     ptes = vma.pte[lo:hi]
                     present = ptes[(ptes & (1 << 62)) != 0]
-                    if any(int(n) not in allowed for n in np.unique(pte_node(present))):
+                    if any(int(n) not in allowed for n in arrayops.unique(pte_node(present))):
                         raise NumaError(errno.EIO, "MPOL_MF_STRICT: pages already sit on "
                                                    "nodes outside the new policy")
             for vma in task.split_at(start, end):

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
+from numaemu import arrayops
 from numaemu import protocol as P
 from numaemu.errors import ClusterError
 from numaemu.keys import find as find_keys
@@ -105,7 +106,7 @@ class FrameAllocator:
             return
         if pfns.min() < 0 or pfns.max() >= len(self.free_map):
             raise IndexError("frame number out of range")
-        if self.free_map[pfns].any() or len(np.unique(pfns)) != len(pfns):
+        if self.free_map[pfns].any() or len(arrayops.unique(pfns)) != len(pfns):
             raise ValueError("double free of a frame")
         self.free_map[pfns] = True
         self.nr_free += len(pfns)
