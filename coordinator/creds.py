@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from numaemu.errors import NumaError
+
+from .zloop import LoopSocket
 
 log = logging.getLogger("numaemu.coordinator")
 
@@ -118,7 +119,7 @@ def privileged_peer(cred: PeerCred) -> bool:
     return cred.verified and cred.uid in (0, owner_uid())
 
 
-class CredRouter(zmq.asyncio.Socket):
+class CredRouter(LoopSocket):
     """A ROUTER socket that remembers each routing id's peer credentials.
 
     ``recv_multipart`` behaves as usual (bytes frames) but receives without copying

@@ -30,10 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from numaemu import protocol as P
 from numaemu.errors import ClusterError, NumaError
+
+from .zloop import LoopSocket
 
 log = logging.getLogger("numaemu.coordinator")
 
@@ -45,17 +46,16 @@ class PeerGone(ClusterError):
     """The peer disconnected, stopped answering, or could not take a message."""
 
 
-async def send_bounded(sock: zmq.asyncio.Socket, frames: list, timeout: float = SEND_TIMEOUT,
+async def send_bounded(sock: LoopSocket, frames: list, timeout: float = SEND_TIMEOUT,
                        ) -> None:
     """Send ``frames`` on ``sock``; raise ``zmq.ZMQError`` (or ``PeerGone`` after ``timeout``
     seconds without room) instead of leaving the error in a future nobody reads.
 
-    pyzmq's asyncio send tries a non-blocking send at once and returns a finished future when
-    that worked, so the common case costs no trip through the event loop.
+    The common case sends at once and costs no trip through the event loop; a message that
+    has to wait for room is withdrawn when the wait times out (``zloop``).
     """
-    fut = sock.send_multipart(frames, copy=True)
-    if fut.done():
-        fut.result()  # raises the send's error, if any
+    fut = sock.send_now(frames)
+    if fut is None:
         return
     try:
         await asyncio.wait_for(fut, timeout)
@@ -66,7 +66,7 @@ async def send_bounded(sock: zmq.asyncio.Socket, frames: list, timeout: float = 
 class Peer:
     """A DEALER peer reachable through a ROUTER socket."""
 
-    def __init__(self, sock: zmq.asyncio.Socket, ident: bytes, name: str,
+    def __init__(self, sock: LoopSocket, ident: bytes, name: str,
                  on_fail: Callable[[Peer, str], None] | None = None) -> None:
         self.sock = sock
         self.ident = ident

@@ -99,6 +99,9 @@ class Coordinator:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         ctx = zmq.asyncio.Context()
+        # The sockets are plain ones driven by this loop (coordinator/zloop.py); the asyncio
+        # context is for the CURVE authenticator, which shares the underlying context.
+        sock_ctx = zmq.Context.shadow(ctx.underlying)
         socks = {}
         auth = None
         topology_page_size = self.kernel.page_size
@@ -108,7 +111,7 @@ class Coordinator:
                 if curve is not None and auth is None:
                     # Before any bind: no tcp handshake may happen without the ZAP handler.
                     auth = curve.authenticator(ctx)
-                sock = ctx.socket(zmq.ROUTER, socket_class=creds.CredRouter)
+                sock = sock_ctx.socket(zmq.ROUTER, socket_class=creds.CredRouter)
                 if curve is not None:
                     curve.server(sock)
                 sock.setsockopt(zmq.LINGER, 0)

@@ -1,0 +1,147 @@
+"""A ZeroMQ socket driven by the coordinator's asyncio loop without pyzmq's futures layer.
+
+``zmq.asyncio`` wraps every send and receive in a Future, a list of pending events and an
+enum-heavy state machine: ~50 us of the coordinator's CPU per request round trip on the
+development machine, about half of what a ping costs it (docs/performance.md).  This
+socket does the same job with plain non-blocking calls:
+
+* ``recv_multipart`` takes a queued message at once; only when none is queued does it park
+  on one Future that the socket's file descriptor wakes;
+* ``send_multipart`` sends at once (``DONTWAIT``); a message that finds its peer's pipe full
+  (``EAGAIN``) waits in a FIFO, and every later message waits behind it, so the order of
+  messages to a peer never changes (nodes rely on it: a posted ``free`` precedes the next
+  ``alloc``).  Queued messages are retried whenever the descriptor fires and every
+  ``RETRY_S``; the caller bounds the wait (``links.send_bounded``).
+
+ZeroMQ's descriptor is edge-triggered and any operation on the socket may consume its
+edge, so after every send and receive the socket re-reads ``EVENTS`` and wakes a parked
+receiver itself when a message is already waiting (the rule pyzmq's own loop follows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import zmq
+
+#: How often queued sends are retried while a peer's pipe stays full.
+RETRY_S = 0.001
+
+
+class LoopSocket(zmq.Socket):
+    """A non-blocking socket for one asyncio loop (create it from a sync ``zmq.Context``)."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _reader: asyncio.Future | None = None
+    _queued: deque | None = None
+    _retry: asyncio.TimerHandle | None = None
+
+    def _attach(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._queued = deque()
+            self._loop.add_reader(self.getsockopt(zmq.FD), self._on_events)
+
+    def close(self, linger: int | None = None) -> None:
+        if self._loop is not None and not self.closed:
+            try:
+                self._loop.remove_reader(self.getsockopt(zmq.FD))
+            except (RuntimeError, zmq.ZMQError, ValueError):
+                pass  # the loop is closed already
+            if self._retry is not None:
+                self._retry.cancel()
+            for _, fut in self._queued:
+                if not fut.done():
+                    fut.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "socket closed"))
+            self._queued.clear()
+            if self._reader is not None and not self._reader.done():
+                self._reader.cancel()
+        super().close(linger)
+
+    # -- receiving ---------------------------------------------------------------------
+    async def recv_multipart(self, flags: int = 0, copy: bool = True,  # type: ignore[override]
+                             track: bool = False) -> list:
+        """The next message; waits (without blocking the loop) while none is queued."""
+        self._attach()
+        while True:
+            try:
+                frames = super().recv_multipart(zmq.DONTWAIT, copy=copy, track=track)
+            except zmq.Again:
+                pass
+            else:
+                self._check_events()
+                return frames
+            if self.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                continue  # the failed receive processed pending commands: try again
+            self._reader = self._loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+
+    # -- sending -----------------------------------------------------------------------
+    def send_now(self, frames: list) -> asyncio.Future | None:
+        """Send ``frames`` at once, or queue them behind earlier blocked messages.
+
+        Returns ``None`` when the message went out, else a Future that completes when it
+        does (or carries the send's error); cancelling it withdraws the message.  Errors
+        of an immediate send (such as ``EHOSTUNREACH`` for an unknown routing id) raise
+        here.
+        """
+        self._attach()
+        if not self._queued:
+            try:
+                super().send_multipart(frames, zmq.DONTWAIT)
+            except zmq.Again:
+                pass
+            else:
+                self._check_events()
+                return None
+        fut = self._loop.create_future()
+        self._queued.append((frames, fut))
+        self._schedule_retry()
+        return fut
+
+    def _flush_queue(self) -> None:
+        while self._queued:
+            frames, fut = self._queued[0]
+            if fut.done():  # its sender gave up
+                self._queued.popleft()
+                continue
+            try:
+                super().send_multipart(frames, zmq.DONTWAIT)
+            except zmq.Again:
+                self._schedule_retry()
+                break
+            except zmq.ZMQError as exc:
+                self._queued.popleft()
+                fut.set_exception(exc)
+                continue
+            self._queued.popleft()
+            fut.set_result(None)
+        self._check_events()
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None and self._queued:
+            self._retry = self._loop.call_later(RETRY_S, self._on_retry)
+
+    def _on_retry(self) -> None:
+        self._retry = None
+        self._flush_queue()
+
+    # -- readiness ---------------------------------------------------------------------
+    def _on_events(self) -> None:
+        if self.closed:
+            return
+        if self._queued:
+            self._flush_queue()
+        else:
+            self._check_events()
+
+    def _check_events(self) -> None:
+        """Wake a parked receiver if a message is waiting (the descriptor may not fire)."""
+        reader = self._reader
+        if reader is not None and not reader.done() and \
+                self.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            reader.set_result(None)
