@@ -97,12 +97,15 @@ async def isolate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarr
     """isolate_lru_page for each page: +1 reference, off the LRU; False where not possible
     (already isolated by another migration, or not on an LRU yet).
 
-    The coordinator's PG_lru is the truth; the node's LRU lists follow it by messages that
-    need no reply (the node serves them in order), so isolation costs no round trip.
+    The LRU lists are the coordinator's page flags (nodes keep no copy), so isolation costs
+    no message at all.
     """
     ok = np.zeros(len(pfns), dtype=bool)
     key = nodes.astype(np.int64) << 40 | pfns
-    _, first = np.unique(key, return_index=True)  # a page listed twice is isolated once
+    if arrayops.is_strictly_increasing(key):
+        first = np.arange(len(key))
+    else:  # a page listed twice is isolated once
+        _, first = np.unique(key, return_index=True)
     for n in arrayops.values(nodes):
         sel = first[nodes[first] == n]
         table = kernel.tables[n]
@@ -113,7 +116,6 @@ async def isolate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray) -> np.ndarr
         table.flags[got] = (table.flags[got] & ~int(PG_LRU)) | PG_ISOLATED
         table.refcount[got] += 1
         ok[sel] = True
-        await kernel.post(n, P.Isolate(pfns=got.astype(P.PFN)))
     return ok
 
 
@@ -123,9 +125,7 @@ async def putback_pages(kernel, node: int, pfns: np.ndarray) -> None:
     if len(pfns) == 0:
         return
     table = kernel.tables[node]
-    active = (table.flags[pfns] & PG_ACTIVE) != 0
     table.flags[pfns] = (table.flags[pfns] & ~int(PG_ISOLATED)) | PG_LRU
-    await kernel.post(node, P.Putback(pfns=pfns.astype(P.PFN), active=active.astype(P.PROT)))
     await kernel.put_pages(np.full(len(pfns), node, dtype=np.int16), pfns)
 
 
@@ -516,10 +516,7 @@ async def _lock_all(kernel, node: int, pfns: np.ndarray) -> np.ndarray:
 
 async def _putback_new(kernel, node: int, pfns: np.ndarray) -> None:
     """Step 20 for the new pages: onto the LRU, and drop the reference migration held."""
-    table = kernel.tables[node]
-    active = (table.flags[pfns] & PG_ACTIVE) != 0
-    table.flags[pfns] |= PG_LRU
-    await kernel.post(node, P.Putback(pfns=pfns.astype(P.PFN), active=active.astype(P.PROT)))
+    kernel.tables[node].flags[pfns] |= PG_LRU
     await kernel.put_pages(np.full(len(pfns), node, dtype=np.int16), pfns)
 
 

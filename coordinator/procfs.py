@@ -16,6 +16,7 @@ from .pages import (
     PG_ACTIVE,
     PG_ANON,
     PG_DIRTY,
+    PG_LRU,
     PG_WRITEBACK,
     PTE_PRESENT,
     PTE_WRITE,
@@ -59,6 +60,14 @@ async def numa_maps(kernel, task) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def lru_sizes(kernel, node: int) -> tuple[int, int]:
+    """Pages on the node's active and inactive LRU lists (the coordinator's page flags)."""
+    flags = kernel.tables[node].flags
+    on_lru = (flags & PG_LRU) != 0
+    active = int(np.count_nonzero(on_lru & ((flags & PG_ACTIVE) != 0)))
+    return active, int(np.count_nonzero(on_lru)) - active
+
+
 async def node_stats(kernel) -> dict[int, dict]:
     """Every node's counters and free frames, asked of the node processes.
 
@@ -78,8 +87,9 @@ async def node_stats(kernel) -> dict[int, dict]:
         if isinstance(r, BaseException):
             continue  # died meanwhile, or hung (its lease will tell): last known figures
         # Frames on the coordinator's per-node page lists are free, as in the kernel's MemFree.
+        active, inactive = lru_sizes(kernel, n)
         out[n] = {"numastat": r["numastat"], "free": r["free"] + len(kernel.pcp[n]),
-                  "frames": r["frames"], "active": r["active"], "inactive": r["inactive"],
+                  "frames": r["frames"], "active": active, "inactive": inactive,
                   "offline": False, "responding": True}
         kernel.last_stats[n] = r["numastat"]
     for n in nodes:

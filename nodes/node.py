@@ -1,4 +1,7 @@
-"""One emulated NUMA node: its frames, frame allocator, numastat counters and LRU.
+"""One emulated NUMA node: its frames, frame allocator and numastat counters.
+
+The LRU lists are the coordinator's page flags (PG_lru, PG_active): the node keeps no copy
+of them, so isolating and putting back pages during a migration costs no message.
 
 A node is a plain synchronous loop (no threads).  It is a DEALER connected to
 the coordinator's ``nodes`` ROUTER: it registers, then answers the
@@ -47,8 +50,6 @@ FETCH_TIMEOUT = 1.0
 
 NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "local_node",
                  "other_node")
-
-LRU_NONE, LRU_INACTIVE, LRU_ACTIVE = 0, 1, 2
 
 #: What the data endpoint serves: frame contents, nothing that changes the node's state.
 DATA_OPS = frozenset({"read_frames", "write_frames", "ping"})
@@ -120,7 +121,6 @@ class Node:
         self.segment = segment
         self.frames = segment.array
         self.allocator = FrameAllocator(segment.frames)
-        self.lru = np.zeros(segment.frames, dtype=np.uint8)
         self.numastat = dict.fromkeys(NUMASTAT_KEYS, 0)
         self.keys: str | None = None  # the cluster's key directory (tcp)
         self.sources: dict[str, Segment] = {}  # other nodes' segments, mapped for copy_in
@@ -133,8 +133,6 @@ class Node:
             "read_frames": self.read_frames,
             "write_frames": self.write_frames,
             "free_map": self.free_map,
-            "isolate": self.isolate,
-            "putback": self.putback,
             "copy_in": self.copy_in,
             "inject": self.inject,
             "node_stats": self.node_stats,
@@ -155,7 +153,6 @@ class Node:
         if req.zero:
             for start, length in runs(pfns):
                 self.frames[start : start + length] = 0
-        self.lru[pfns] = LRU_INACTIVE
         self._add_stats(req.stats)
         return {"pfns": pfns}
 
@@ -165,7 +162,6 @@ class Node:
             self.allocator.free(req.pfns)
         except ValueError as exc:
             raise _Errno(errno.EINVAL, str(exc)) from None
-        self.lru[req.pfns] = LRU_NONE
         return {}
 
     def account(self, req: P.Account) -> dict:
@@ -197,20 +193,6 @@ class Node:
         self.frames[req.pfns] = np.frombuffer(req.data, dtype=np.uint8).reshape(
             len(req.pfns), self.segment.page_size
         )
-        return {}
-
-    def isolate(self, req: P.Isolate) -> dict:
-        self._check_pfns(req.pfns)
-        state = self.lru[req.pfns]
-        self.lru[req.pfns] = LRU_NONE
-        return {"isolated": (state != LRU_NONE).astype(P.PROT),
-                "active": (state == LRU_ACTIVE).astype(P.PROT)}
-
-    def putback(self, req: P.Putback) -> dict:
-        self._check_pfns(req.pfns)
-        if len(req.active) != len(req.pfns):
-            raise ProtocolError("active must have one entry per frame")
-        self.lru[req.pfns] = np.where(req.active != 0, LRU_ACTIVE, LRU_INACTIVE)
         return {}
 
     def copy_in(self, req: P.CopyIn) -> dict:
@@ -300,8 +282,6 @@ class Node:
             "frames": self.segment.frames,
             "free": self.allocator.nr_free,
             "numastat": dict(self.numastat),
-            "active": int(np.count_nonzero(self.lru == LRU_ACTIVE)),
-            "inactive": int(np.count_nonzero(self.lru == LRU_INACTIVE)),
         }
 
     def delay_for(self, op: str | None) -> float:

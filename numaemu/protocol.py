@@ -116,8 +116,7 @@ def max_frame_message(page_size: int) -> int:
 REQUESTS: dict[str, type] = {}
 #: Fire-and-forget messages (``Peer.post``): the sender does not wait for a reply, and a send
 #: that fails fails the peer instead of raising (coordinator/links.py).
-POSTED = frozenset({"free", "account", "isolate", "putback", "ping", "exit", "heartbeat",
-                    "resched"})
+POSTED = frozenset({"free", "account", "ping", "exit", "heartbeat", "resched"})
 
 
 def request(op: str):
@@ -592,21 +591,6 @@ class ReadFrames:
 class WriteFrames:
     pfns: PfnArray
     data: bytes
-
-
-@request("isolate")
-class Isolate:
-    """Take frames off the LRU (isolate_lru_page); the reply says which were on it."""
-
-    pfns: PfnArray
-
-
-@request("putback")
-class Putback:
-    """Put frames back on the LRU (active ones on the active list)."""
-
-    pfns: PfnArray
-    active: ProtArray
 
 
 @request("copy_in")

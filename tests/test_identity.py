@@ -272,7 +272,9 @@ def test_node_data_endpoint_serves_frame_contents_only(cluster, info, victim):
     before = free_map()
     refused = [P.Alloc(count=8), P.Free(pfns=np.arange(4, dtype=P.PFN)),
                P.Inject(request="read_frames", count=100), P.FreeMap(),
-               P.Isolate(pfns=np.arange(4, dtype=P.PFN)), P.Account(stats={"numa_hit": 5}),
+               P.CopyIn(src_node=1, src_path="/dev/shm/x", src_endpoint="ipc:///x",
+                        src_pfns=np.arange(2, dtype=P.PFN), dst_pfns=np.arange(2, dtype=P.PFN)),
+               P.Account(stats={"numa_hit": 5}),
                P.Exit()]
     replies = _exchange(seg["data_endpoint"], refused + [
         P.Ping(), P.ReadFrames(pfns=np.arange(2, dtype=P.PFN))])
