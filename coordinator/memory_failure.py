@@ -30,6 +30,8 @@ import os
 
 import numpy as np
 
+from numaemu import arrayops
+
 from .pages import PTE_MIGRATION, PTE_PRESENT, pte_node
 
 log = logging.getLogger("numaemu.coordinator")
@@ -89,4 +91,4 @@ def poisoned(kernel, nodes: np.ndarray) -> np.ndarray:
     """Mask of entries whose node is offline."""
     if not kernel.offline:
         return np.zeros(len(nodes), dtype=bool)
-    return np.isin(nodes, list(kernel.offline))
+    return arrayops.isin(nodes, list(kernel.offline))

@@ -559,7 +559,7 @@ def plan_allocation(
         # PREFERRED_MANY allocates twice (alloc_pages_preferred_many): first within S, where the
         # wanted node is the nearest node of S; then with no nodemask, where the wanted node is
         # the CPU's own node. numastat charges each page to the pass that served it.
-        in_set = np.isin(nodes, policy.nodes)
+        in_set = arrayops.isin(nodes, policy.nodes)
         intended = np.where(in_set, orders[0][0], cpu_node).astype(np.int16)
     nodes.setflags(write=False)
     intended = np.array(intended, dtype=np.int16)

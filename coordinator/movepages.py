@@ -208,7 +208,8 @@ async def mbind_move(kernel, task: Task, start: int, end: int, policy: MemPolicy
             present = (ptes & PTE_PRESENT) != 0
             offs, ptes = offs[present], ptes[present]
             nodes = pte_node(ptes)
-            misplaced = ~np.isin(nodes, list(allowed)) if allowed else np.ones(len(ptes), bool)
+            misplaced = (~arrayops.isin(nodes, list(allowed)) if allowed
+                         else np.ones(len(ptes), bool))
             offs, ptes = offs[misplaced], ptes[misplaced]
             nodes_l.append(pte_node(ptes))
             pfns_l.append(pte_pfn(ptes))
@@ -228,7 +229,7 @@ async def mbind_move(kernel, task: Task, start: int, end: int, policy: MemPolicy
     plan = plan_allocation(effective, cpu_node=cpu_node, ilx=ilx, free=kernel.free_within(mems),
                            distances=kernel.distances, weights=kernel.weights)
     # Where the policy wants each page, unless the cpuset forbids it: then where it fell back.
-    targets = np.where(np.isin(plan.intended, list(mems)), plan.intended, plan.nodes)
+    targets = np.where(arrayops.isin(plan.intended, list(mems)), plan.intended, plan.nodes)
     targets = targets.astype(np.int64)
     move = nodes != targets
     if not move.any():

@@ -53,7 +53,7 @@ async def flush_tlb(kernel, targets: dict, *, write_only: bool = False) -> None:
         if isinstance(flushed, tuple):
             vpns = vpns[(vpns < flushed[0]) | (vpns >= flushed[1])]
         elif flushed is not None:
-            vpns = vpns[~np.isin(vpns, flushed)]
+            vpns = vpns[~arrayops.isin(vpns, flushed)]
         if len(vpns) == 0:
             continue
         waits.append(_invalidate(kernel, task, task.tlb, vpns, write_only))

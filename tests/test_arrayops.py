@@ -42,3 +42,9 @@ def test_add_at_with_one_value_per_index_matches_numpy(args):
     arrayops.subtract_at(ours, idx, vals)
     np.subtract.at(theirs, idx, vals)
     assert np.array_equal(ours, theirs)
+
+
+@given(indices, hnp.arrays(np.int64, st.integers(0, 20), elements=st.integers(0, 63)))
+def test_isin_matches_numpy(a, members):
+    assert np.array_equal(arrayops.isin(a, members), np.isin(a, members))
+    assert np.array_equal(arrayops.isin(a, members.tolist()), np.isin(a, members))
