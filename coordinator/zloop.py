@@ -14,19 +14,27 @@ socket does the same job with plain non-blocking calls:
   ``RETRY_S``; the caller bounds the wait (``links.send_bounded``).
 
 ZeroMQ's descriptor is edge-triggered and any operation on the socket may consume its
-edge, so after every send and receive the socket re-reads ``EVENTS`` and wakes a parked
-receiver itself when a message is already waiting (the rule pyzmq's own loop follows).
+edge, so after every send and receive (refused ones too) the socket re-reads ``EVENTS`` and
+wakes a parked receiver itself when a message is already waiting (the rule pyzmq's own loop
+follows).  A slow tick (``TICK_S``) re-checks a parked receiver as a safety net and logs if
+it ever finds a message that nothing announced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 
 import zmq
 
+log = logging.getLogger("numaemu.coordinator")
+
 #: How often queued sends are retried while a peer's pipe stays full.
 RETRY_S = 0.001
+#: The safety net: how often a parked receiver is checked for a message the descriptor did
+#: not announce (``LoopSocket.missed_wakeups`` counts them; it should stay 0).
+TICK_S = 0.1
 
 # Plain ints: pyzmq's constants are IntFlag members, and enum arithmetic costs ~1 us a time.
 _DONTWAIT = int(zmq.DONTWAIT)
@@ -41,12 +49,15 @@ class LoopSocket(zmq.Socket):
     _reader: asyncio.Future | None = None
     _queued: deque | None = None
     _retry: asyncio.TimerHandle | None = None
+    _tick: asyncio.TimerHandle | None = None
+    missed_wakeups: int = 0
 
     def _attach(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._queued = deque()
             self._loop.add_reader(self.getsockopt(zmq.FD), self._on_events)
+            self._tick = self._loop.call_later(TICK_S, self._on_tick)
 
     def close(self, linger: int | None = None) -> None:
         if self._loop is not None and not self.closed:
@@ -54,8 +65,9 @@ class LoopSocket(zmq.Socket):
                 self._loop.remove_reader(self.getsockopt(zmq.FD))
             except (RuntimeError, zmq.ZMQError, ValueError):
                 pass  # the loop is closed already
-            if self._retry is not None:
-                self._retry.cancel()
+            for timer in (self._retry, self._tick):
+                if timer is not None:
+                    timer.cancel()
             for _, fut in self._queued:
                 if not fut.done():
                     fut.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "socket closed"))
@@ -101,8 +113,10 @@ class LoopSocket(zmq.Socket):
             except zmq.Again:
                 pass
             else:
-                self._check_events()
                 return None
+            finally:
+                # Even a refused send processes the socket's commands, and may eat the edge.
+                self._check_events()
         fut = self._loop.create_future()
         self._queued.append((frames, fut))
         self._schedule_retry()
@@ -143,6 +157,18 @@ class LoopSocket(zmq.Socket):
             self._flush_queue()
         else:
             self._check_events()
+
+    def _on_tick(self) -> None:
+        if self.closed:
+            return
+        reader = self._reader
+        if reader is not None and not reader.done() and \
+                self.getsockopt(_EVENTS) & _POLLIN:
+            self.missed_wakeups += 1
+            log.warning("a message waited unannounced on %s (missed wake-up %d)",
+                        self.getsockopt_string(zmq.LAST_ENDPOINT), self.missed_wakeups)
+            reader.set_result(None)
+        self._tick = self._loop.call_later(TICK_S, self._on_tick)
 
     def _check_events(self) -> None:
         """Wake a parked receiver if a message is waiting (the descriptor may not fire)."""

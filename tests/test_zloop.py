@@ -135,6 +135,7 @@ def test_a_parked_receiver_wakes_for_every_message_while_the_loop_also_sends(pai
                 ident, body = await asyncio.wait_for(router.recv_multipart(), 5)
                 await send_bounded(router, [ident, body])
             await asyncio.get_running_loop().run_in_executor(None, threads[0].join)
+            assert router.missed_wakeups == 0
         finally:
             noise.cancel()
             stop.set()
