@@ -37,6 +37,7 @@ from .links import Peer
 from .mempolicy import MemPolicy, plan_allocation
 from .migrate import BATCH as MIGRATE_BATCH
 from .migrate import MigrateStats
+from .mm import MMAP_BASE
 from .numa_balancing import NumaBalancing
 from .pages import FrameTable, PageLocks
 
@@ -76,7 +77,8 @@ class Kernel:
         self.host = socket.gethostname()
         self.page_size = topology.page_size
         self.num_nodes = topology.num_nodes
-        self.tables = [FrameTable(f) for f in topology.frames_per_node]
+        vpn_base = MMAP_BASE // topology.page_size  # anonymous pages' index is above it
+        self.tables = [FrameTable(f, vpn_base) for f in topology.frames_per_node]
         self.locks = PageLocks(self.tables)
         self.free = np.array(topology.frames_per_node, dtype=np.int64)
         self.nodes: dict[int, NodeInfo] = {}

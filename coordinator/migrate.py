@@ -308,10 +308,11 @@ class _Batch:
         # short while (HOLD); without it, back-to-back migrations of a hot page could starve
         # them, since a woken task needs a round trip to reach the new page.
         now = time.monotonic()
-        held = live & (told.hold_until[old] > now)
+        until = told.held_until(old)
+        held = live & (until > now) if until is not None else np.zeros(len(old), dtype=bool)
         if held.any():
             if sync:
-                await asyncio.sleep(float(told.hold_until[old[held]].max() - now))
+                await asyncio.sleep(float(until[held].max() - now))
                 self.check_nodes()
             else:
                 self.fail(held, errno.EAGAIN)
@@ -431,8 +432,8 @@ class _Batch:
             told.flags[mo] &= ~MIGRATED_FLAGS
             self.step(14)
             # Step 15: a dirty page-cache page gets its writeback queued on the new page.
-            dirty_files = set(told.mapping[mo][(tnew.flags[mw] & PG_DIRTY) != 0].tolist())
-            for oid in dirty_files - {0}:
+            objs = told.mapping[mo]
+            for oid in arrayops.values(objs[(objs != 0) & ((tnew.flags[mw] & PG_DIRTY) != 0)]):
                 k.queue_writeback(oid)
             self.step(15)
             # Step 16: migration entries become real PTEs to the new page: the commit point.
@@ -452,7 +453,8 @@ class _Batch:
         woke = k.locks.unlock(src, self.old[self.locked])
         with_waiters = np.zeros(len(self.old), dtype=bool)
         with_waiters[np.flatnonzero(self.locked)[woke]] = True
-        self.tnew.hold_until[self.new[with_waiters & moved]] = time.monotonic() + HOLD
+        if (with_waiters & moved).any():
+            self.tnew.hold(self.new[with_waiters & moved], HOLD)
         # Step 20: the new pages go on the target's LRU, the old frames are freed; pages that
         # did not move keep their isolation reference (retried, or put back by the caller).
         try:

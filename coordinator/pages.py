@@ -1,7 +1,8 @@
 """``struct page`` state for every frame, page-table entry encoding, and page locks.
 
 Per node, page state lives in numpy arrays indexed by pfn (flags, refcount,
-mapcount, mapping, index): tens of bytes per frame, no Python object per page.
+mapcount, mapping, index, owner, last_nid): 24 bytes per frame, no Python object per
+page (with the 8-byte PTE, 32 bytes per touched page; Linux's struct page is 64).
 
 A page-table entry is one int64:
 
@@ -20,6 +21,7 @@ the coordinator is one asyncio loop: whoever finds a page locked awaits
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from enum import IntFlag
 
@@ -78,29 +80,63 @@ def is_present(ptes: np.ndarray) -> np.ndarray:
 
 
 class FrameTable:
-    """``struct page`` arrays of one node."""
+    """``struct page`` arrays of one node: 24 bytes per frame.
 
-    def __init__(self, frames: int) -> None:
-        self.flags = np.zeros(frames, dtype=np.int64)
+    ``index`` is the page's index in its object, or for an anonymous page its vpn as an
+    offset from ``vpn_base`` (the bottom of the mmap area: every anonymous address lies in
+    the 2**28 pages above it), so it fits 32 bits; ``anon_vpns`` adds the base back.
+    """
+
+    def __init__(self, frames: int, vpn_base: int = 0) -> None:
+        self.vpn_base = vpn_base
+        self.flags = np.zeros(frames, dtype=np.int16)  # PG_* bits (PageFlag)
         self.refcount = np.zeros(frames, dtype=np.int32)
         self.mapcount = np.zeros(frames, dtype=np.int32)
         self.mapping = np.zeros(frames, dtype=np.int32)  # shared object id; 0 = anonymous
-        self.index = np.zeros(frames, dtype=np.int64)  # page index in the object, or vpn
-        self.owner = np.zeros(frames, dtype=np.int64)  # anon pages: the owning task's pid
-        # Monotonic time until which a just-migrated page that had waiters is left alone, so
-        # the waiters get to use it before it moves again (see coordinator/migrate.py).
-        self.hold_until = np.zeros(frames, dtype=np.float64)
+        self.index = np.zeros(frames, dtype=np.int32)  # page index in the object, or vpn
+        self.owner = np.zeros(frames, dtype=np.int32)  # anon pages: the owning task's pid
         # Node of the CPU behind the last NUMA hinting fault on the page (the kernel's
         # last_cpupid): the two-stage filter of coordinator/numa_balancing.py.
         self.last_nid = np.full(frames, -1, dtype=np.int16)
+        # pfn -> monotonic time until which a just-migrated page that had waiters is left
+        # alone, so the waiters get to use it before it moves again (coordinator/migrate.py).
+        # Few pages ever have one, so it is a dict, not 8 more bytes on every frame.
+        self.holds: dict[int, float] = {}
 
     def prep_new(self, pfns: np.ndarray, flags: int, mapping: int, index: np.ndarray,
                  owner: int) -> None:
-        """State of freshly allocated frames (refcount/mapcount set by the caller)."""
+        """State of freshly allocated frames (refcount/mapcount set by the caller); ``index``
+        is the page index in object ``mapping``, or the vpn of an anonymous page."""
         self.flags[pfns] = flags
         self.mapping[pfns] = mapping
-        self.index[pfns] = index
+        self.index[pfns] = index - self.vpn_base if mapping == 0 else index
         self.owner[pfns] = owner
+
+    def anon_vpns(self, pfns: np.ndarray) -> np.ndarray:
+        """The vpns of anonymous pages ``pfns`` in their owner's address space."""
+        return self.index[pfns].astype(np.int64) + self.vpn_base
+
+    def hold(self, pfns: np.ndarray, seconds: float) -> None:
+        """Leave ``pfns`` where they are for ``seconds`` (migration fairness)."""
+        until = time.monotonic() + seconds
+        for pfn in pfns.tolist():
+            self.holds[pfn] = until
+
+    def held_until(self, pfns: np.ndarray) -> np.ndarray | None:
+        """Per page, until when it is held (0: not held); ``None`` when nothing is."""
+        if not self.holds:
+            return None
+        now = time.monotonic()
+        for pfn in [p for p, until in self.holds.items() if until <= now]:
+            del self.holds[pfn]
+        if not self.holds:
+            return None
+        keys = np.fromiter(self.holds.keys(), dtype=np.int64, count=len(self.holds))
+        until = np.fromiter(self.holds.values(), dtype=np.float64, count=len(self.holds))
+        order = np.argsort(keys)
+        keys, until = keys[order], until[order]
+        pos = np.minimum(np.searchsorted(keys, pfns), len(keys) - 1)
+        return np.where(keys[pos] == pfns, until[pos], 0.0)
 
     def clear(self, pfns: np.ndarray) -> None:
         """Frames going back to the node's free list hold no state."""
@@ -110,8 +146,10 @@ class FrameTable:
         self.mapping[pfns] = 0
         self.index[pfns] = 0
         self.owner[pfns] = 0
-        self.hold_until[pfns] = 0
         self.last_nid[pfns] = -1
+        if self.holds:
+            for pfn in pfns[np.isin(pfns, list(self.holds))].tolist():
+                del self.holds[pfn]
 
 
 class PageLocks:

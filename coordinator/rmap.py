@@ -51,14 +51,14 @@ def rmap_walk(kernel, node: int, pfns: np.ndarray):
         task = kernel.tasks.get(pid)
         if task is not None:
             sel = np.flatnonzero(anon & (owner == pid))
-            yield task, index[sel], sel
+            yield task, table.anon_vpns(pfns[sel]), sel
     for oid in arrayops.values(mapping[~anon]):
         obj = kernel.objects.get(oid)
         if obj is None:
             continue
         sel = np.flatnonzero(mapping == oid)
         for task, vma in mappers(kernel, obj):
-            offs = index[sel] - vma.pgoff
+            offs = index[sel].astype(np.int64) - vma.pgoff
             inside = (offs >= 0) & (offs < vma.end - vma.start)
             if inside.any():
                 yield task, offs[inside] + vma.start, sel[inside]
