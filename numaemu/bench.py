@@ -166,6 +166,15 @@ def _frame_offset(task, addr: int) -> int:
     return _address_of(view) - _address_of(seg_view)
 
 
+def frame_offsets(task, addrs) -> tuple[int, np.ndarray]:
+    """The node and the byte offsets in its segment of the frames that back ``addrs``
+    (mapped pages, all on one node), read from the task's TLB."""
+    nodes = {task._tnode[(a >> task._shift) - task._base_vpn] for a in addrs}
+    if len(nodes) != 1:
+        raise RuntimeError(f"the pages are on nodes {sorted(nodes)}, not on one node")
+    return nodes.pop(), np.array([_frame_offset(task, a) for a in addrs], dtype=np.int64)
+
+
 def _address_of(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
 
