@@ -77,7 +77,8 @@ def test_bench_scale_reports_both_sweeps_and_plots(tmp_path):
     assert [r["pages"] for r in figures["fault"]] == [1, 16]  # the default batches up to 64
     for row in figures["fault"]:
         assert_positive(row, ["us_per_page", "raw_us_per_page", "slowdown"])
-    assert_positive(figures, ["migrate_growth", "warm_copy_growth"])
+    assert_positive(figures, ["migrate_growth", "warm_copy_growth",
+                              "migrate_largest_over_smallest"])
     assert figures["migrate_growth"] >= 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
