@@ -20,7 +20,6 @@ the machine is; wall-clock time only sets how many accesses fit in a run.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
@@ -185,16 +184,3 @@ def plot(results: dict, path: str) -> str:
     plt.close(fig)
     return path
 
-
-def main(json_out: bool = False, seconds: float = 6.0, plot_path: str | None = None,
-         policies=POLICIES) -> int:
-    results = bench_placement(seconds=seconds, policies=policies)
-    if plot_path:
-        plot(results, plot_path)
-    if json_out:
-        print(json.dumps(results))
-    else:
-        print(placement_text(results), end="")
-        if plot_path:
-            print(f"plot: {plot_path}")
-    return 0

@@ -388,15 +388,11 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    if args.what == "placement":
-        from .bench_placement import main as placement
-
-        return placement(json_out=args.json, seconds=args.seconds or 6.0,
-                         plot_path=args.plot or None)
-    topology = _topology_from_args(args) if args.what == "latency" else None
+    topology = _topology_from_args(args) if args.what in ("latency", "all") else None
     return run_bench(args.what, json_out=args.json, pages=args.pages, repeat=args.repeat,
                      batch=args.batch, topology=topology, dilation=args.dilation,
-                     steps=args.steps)
+                     steps=args.steps, seconds=args.seconds, plot=args.plot,
+                     cycles=args.cycles)
 
 
 # -- parser ------------------------------------------------------------------------------
@@ -531,24 +527,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_node)
 
-    p = sub.add_parser("bench", help="measure the emulator against same-run baselines")
+    p = sub.add_parser("bench", help="measure the emulator against same-run baselines",
+                       description="Every figure is printed beside a baseline measured in "
+                       "the same run; --json prints one JSON object per benchmark, one a line.")
     p.add_argument("what", choices=["startup", "fault", "access", "migrate", "latency",
-                                    "placement", "all"])
+                                    "placement", "array", "scale", "ping", "memory", "all"],
+                   help="all: startup, fault, access, migrate, latency, array and ping")
     p.add_argument("--seconds", type=_positive(float), default=None,
                    help="placement: seconds per policy run (default 6)")
-    p.add_argument("--plot", default="numaemu-placement.png",
-                   help="placement: where to write the local-share plot (PNG); empty: none")
+    p.add_argument("--plot", default=None,
+                   help="placement, scale: where to write the plot (PNG; default "
+                   "numaemu-placement.png, numaemu-scale.png); empty: none")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--pages", type=int, default=None,
-                   help="pages to move (migrate: default 16384 = 64 MiB); pages per buffer "
-                   "(latency: default 256)")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--pages", type=_positive(int), default=None,
+                   help="the size: pages to move (migrate: default 16384 = 64 MiB); pages per "
+                   "buffer (latency: 256); largest fault batch (fault: 4096); pages of the "
+                   "array (array: 2048 = 1M int64); largest size of both sweeps (scale: "
+                   "262144 = 1 GiB); pages to touch (memory: 1048576 = 4 GiB)")
+    p.add_argument("--repeat", type=_positive(int), default=5)
     p.add_argument("--batch", type=int, default=None,
                    help="migration batch size (default: the cluster's, 4096)")
     p.add_argument("--dilation", type=_positive(float), default=None,
                    help="latency: wall-clock ns injected per modeled ns (default 50)")
     p.add_argument("--steps", type=_positive(int), default=None,
-                   help="latency: timed dependent reads per cell and run (default 20000)")
+                   help="latency: timed dependent reads per cell and run (default 20000); "
+                   "ping: round trips per run (default 2000)")
+    p.add_argument("--cycles", type=_positive(int), default=None,
+                   help="memory: rounds of mmap/touch/munmap in the client (default 10)")
     # The latency bench's machine, given as to `numaemu up` (default: the built-in cluster).
     _add_topology_args(p)
     p.set_defaults(func=cmd_bench)

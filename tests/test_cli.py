@@ -163,8 +163,9 @@ def test_migratepages_moves_a_running_task_and_bench_migrate_json_parses(detache
     out = numaemu("bench", "migrate", "--pages", "256", "--repeat", "1", "--json", timeout=120)
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
-    assert set(figures) == {"pages", "bytes", "seconds", "gb_per_s", "memcpy_gb_per_s",
-                            "ratio"}
+    assert set(figures) == {"bench", "pages", "bytes", "seconds", "gb_per_s",
+                            "memcpy_gb_per_s", "ratio"}
+    assert figures["bench"] == "migrate"
     assert figures["pages"] == 256 and figures["bytes"] == 256 * 4096
     assert figures["ratio"] == pytest.approx(figures["gb_per_s"] / figures["memcpy_gb_per_s"],
                                              rel=0.5)
