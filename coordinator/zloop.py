@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 from collections import deque
 
 import zmq
@@ -51,12 +52,14 @@ class LoopSocket(zmq.Socket):
     _retry: asyncio.TimerHandle | None = None
     _tick: asyncio.TimerHandle | None = None
     missed_wakeups: int = 0
+    _fd: int = -1
 
     def _attach(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._queued = deque()
-            self._loop.add_reader(self.getsockopt(zmq.FD), self._on_events)
+            self._fd = self.getsockopt(zmq.FD)
+            self._loop.add_reader(self._fd, self._on_events)
             self._tick = self._loop.call_later(TICK_S, self._on_tick)
 
     def close(self, linger: int | None = None) -> None:
@@ -162,12 +165,17 @@ class LoopSocket(zmq.Socket):
         if self.closed:
             return
         reader = self._reader
-        if reader is not None and not reader.done() and \
-                self.getsockopt(_EVENTS) & _POLLIN:
-            self.missed_wakeups += 1
-            log.warning("a message waited unannounced on %s (missed wake-up %d)",
-                        self.getsockopt_string(zmq.LAST_ENDPOINT), self.missed_wakeups)
-            reader.set_result(None)
+        if reader is not None and not reader.done():
+            # Readable now means the loop has yet to see it (a message that arrived during
+            # this iteration): not a miss.  Read before EVENTS, which resets it.
+            announced = bool(select.select([self._fd], [], [], 0)[0])
+            if self.getsockopt(_EVENTS) & _POLLIN:
+                if not announced:
+                    self.missed_wakeups += 1
+                    log.warning("a message waited unannounced on %s (missed wake-up %d)",
+                                self.getsockopt_string(zmq.LAST_ENDPOINT),
+                                self.missed_wakeups)
+                reader.set_result(None)
         self._tick = self._loop.call_later(TICK_S, self._on_tick)
 
     def _check_events(self) -> None:
