@@ -199,3 +199,37 @@ def _private_bulk_reader(task, pages: int, seconds: float):
             raise AssertionError(f"read {reads} differs")
         reads += 1
     return reads
+
+
+def test_8_byte_reads_take_the_same_answers_and_errors_as_any_read(task):
+    """8-byte reads have a route of their own (struct checks the page bounds): across a page
+    boundary, on the zero page, on a miss, with a numpy length, or with a length that is no
+    integer, they answer as any read does."""
+    import errno
+
+    from numaemu import NumaError
+
+    m = task.mmap(3 * PS)
+    data = bytes(range(256)) * (2 * PS // 256)
+    task.write(m.addr, data)  # pages 0 and 1; page 2 untouched
+    faults = task.stats()["faults"]
+    assert task.read(m.addr + 16, 8) == data[16:24]
+    assert task.read(m.addr + PS - 3, 8) == data[PS - 3 : PS + 5]  # crosses into page 1
+    assert task.read(m.page(1) + PS - 8, 8) == data[-8:]
+    assert task.read(m.addr + 5, np.int64(8)) == data[5:13]
+    assert task.stats()["faults"] == faults
+    assert task.read(m.page(2) + 8, 8) == bytes(8)  # a miss, then the zero page
+    assert task.read(m.page(2) + PS - 8, 8) == bytes(8)
+    assert task.read(m.page(1) + PS - 4, 8) == data[-4:] + bytes(4)
+    for bad in (8.0, np.float64(8)):
+        with pytest.raises(NumaError) as info:
+            task.read(m.addr, bad)
+        assert info.value.errno == errno.EINVAL
+    with pytest.raises(NumaError) as info:
+        task.read(m.addr - PS, 8)  # below the mapping
+    assert info.value.errno == errno.EFAULT
+    before = task.stats()
+    task.read(m.addr + PS - 3, 8)
+    after = task.stats()
+    assert after["local_accesses"] - before["local_accesses"] == 2
+    assert after["local_bytes"] - before["local_bytes"] == 8
