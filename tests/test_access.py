@@ -59,7 +59,8 @@ def _charges(task, fn, calls) -> tuple[list, list, float]:
             after["access_ns"] - before["access_ns"])
 
 
-def test_multi_page_accesses_read_back_exactly_whatever_the_frame_layout(task):
+def test_multi_page_accesses_read_back_exactly_whatever_the_frame_layout(fresh_task):
+    task = fresh_task
     rng = np.random.default_rng(5)
     for name, m, path in _layouts(task):
         assert _path(task, m) == path, name
@@ -79,7 +80,8 @@ def test_multi_page_accesses_read_back_exactly_whatever_the_frame_layout(task):
         assert task.read(m.addr, m.length) == ref, name
 
 
-def test_a_multi_page_access_is_charged_as_its_pages_one_by_one(task):
+def test_a_multi_page_access_is_charged_as_its_pages_one_by_one(fresh_task):
+    task = fresh_task
     for name, m, _ in _layouts(task):
         task.write(m.addr, bytes(m.length))  # every page writable now
         start, n = 100, m.length - 150
