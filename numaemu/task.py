@@ -186,6 +186,7 @@ class Task:
         nn = self.topology.num_nodes
         self._pages_by_node = [0] * nn  # since the last fold, at the current CPU node
         self._bytes_by_node = [0] * nn
+        self._eights_by_node = [0] * nn  # 8-byte reads: one page and 8 bytes each
         self._pair_pages = [[0] * nn for _ in range(nn)]  # [cpu node][memory node]
         self._pair_bytes = [[0] * nn for _ in range(nn)]
         self._totals = {"local_accesses": 0, "remote_accesses": 0, "local_bytes": 0,
@@ -248,7 +249,7 @@ class Task:
         take, give = self._access_lock.take, self._access_lock.give
         base, shift, ps = self._base_vpn, self._shift, self.page_size
         mask = ps - 1
-        pages, nbytes = self._pages_by_node, self._bytes_by_node
+        pages, nbytes, eights = self._pages_by_node, self._bytes_by_node, self._eights_by_node
         slow_read, slow_write = self._slow_read, self._slow_write
         # Mutable cells, updated in place: a caller that kept ``read = task.read`` still sees
         # a CPU move (the latency row) and a change of delay injection.
@@ -264,8 +265,7 @@ class Task:
                         try:
                             out = unpack8(rtlb[i], addr & mask)[0]  # struct.error: crosses
                             nd = tnode[i]                            # the end of the page
-                            pages[nd] += 1
-                            nbytes[nd] += 8
+                            eights[nd] += 1
                             if paybox[0] is None:
                                 return out
                         except (TypeError, IndexError, struct.error):
@@ -871,7 +871,11 @@ class Task:
     def _fold_stats(self) -> None:
         """Charge the counters since the last fold at the current CPU node (lock held)."""
         t = self._totals
-        pages, nbytes = self._pages_by_node, self._bytes_by_node
+        pages, nbytes, eights = self._pages_by_node, self._bytes_by_node, self._eights_by_node
+        for j, count in enumerate(eights):
+            pages[j] += count
+            nbytes[j] += 8 * count
+            eights[j] = 0
         t["access_ns"] += self._latency.cost_ns(self.node, pages, nbytes)
         row_pages, row_bytes = self._pair_pages[self.node], self._pair_bytes[self.node]
         for j in range(len(pages)):
