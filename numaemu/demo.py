@@ -15,9 +15,10 @@ over time with the migration marked.
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from .cluster import Cluster
 from .latency import DEFAULT_DILATION
@@ -29,30 +30,28 @@ RUN, MOVE, STOP = 0, 1, 2
 
 
 def workload(task, ctl_name: str, pages: int, window: int, cpus_node1: list[int]):
-    """The demo's workload (its own client process): random 8-byte reads over its memory.
+    """The demo's workload (its own client process): random 8-byte reads over its memory,
+    ``window`` of them at a time as one gather through an array view.
 
     Returns samples (wall time, accesses, virtual ns, wall ns, local accesses, waits) per
     window; moves itself to node 1 when the control page says so.
     """
-    ctl = task.mmap(task.page_size, shared=ctl_name)
-    m = task.mmap(pages * task.page_size)
-    task.write(m.addr, bytes(range(256)) * (m.length // 256))  # first touch: node 0
-    task.write(ctl.addr + CTL_READY, b"\1")
-    rng = random.Random(1)
-    addrs = [m.addr + rng.randrange(pages) * task.page_size + 8 * rng.randrange(512)
-             for _ in range(window)]
-    read, samples, moved = task.read, [], False
+    ctl = task.mmap(task.page_size, shared=ctl_name).ndarray(np.uint8)
+    data = task.mmap(pages * task.page_size).ndarray(np.int64)
+    data[:] = np.arange(len(data))  # first touch: node 0
+    ctl[CTL_READY] = 1
+    where = np.random.default_rng(1).integers(0, len(data), window)
+    samples, moved = [], False
     before = task.stats()
     while True:
-        command = task.read(ctl.addr + CTL_COMMAND, 1)[0]
+        command = ctl[CTL_COMMAND]
         if command == STOP:
             break
         if command == MOVE and not moved:
             task.sched_setaffinity(cpus_node1)  # the scheduler moves the task
             moved = True
         t0 = time.perf_counter_ns()
-        for addr in addrs:
-            read(addr, 8)
+        data[where]
         wall = time.perf_counter_ns() - t0
         after = task.stats()
         local = after["local_accesses"] - before["local_accesses"]
@@ -95,10 +94,10 @@ def run_demo(quick: bool = False, plot: str | None = "numaemu-demo.png",
     with Cluster(topo, inject_delays=dilation) as cluster:
         print(f"  cluster up in {time.perf_counter() - t_start:.2f} s", flush=True)
         driver = cluster.attach(cpu=topo.cpus_of(0)[-1], privileged=True, inject=None)
-        ctl = driver.mmap(topo.page_size, shared="demo-ctl")
+        ctl = driver.mmap(topo.page_size, shared="demo-ctl").ndarray(np.uint8)
         handle = cluster.spawn(workload, "demo-ctl", pages, window, list(topo.cpus_of(1)),
                                cpu=topo.cpus_of(0)[0])
-        while driver.read(ctl.addr + CTL_READY, 1) != b"\1":
+        while ctl[CTL_READY] != 1:
             time.sleep(0.01)
         pid = handle.pid
         print(f"  workload task {pid} on CPU {topo.cpus_of(0)[0]} (node 0) touched its "
@@ -108,7 +107,7 @@ def run_demo(quick: bool = False, plot: str | None = "numaemu-demo.png",
         phases[-1].where = _placement(driver, pid)
 
         print(f"  the scheduler moves task {pid} to node 1 (sched_setaffinity)", flush=True)
-        driver.write(ctl.addr + CTL_COMMAND, bytes([MOVE]))
+        ctl[CTL_COMMAND] = MOVE
         phases[-1].end = time.time()
         phases.append(Phase(PHASES[1], time.time()))
         time.sleep(phase_s)
@@ -127,7 +126,7 @@ def run_demo(quick: bool = False, plot: str | None = "numaemu-demo.png",
         time.sleep(phase_s)
         phases[-1].where = _placement(driver, pid)
         phases[-1].end = time.time()
-        driver.write(ctl.addr + CTL_COMMAND, bytes([STOP]))
+        ctl[CTL_COMMAND] = STOP
         samples = handle.join(60)
         vmstat = cluster.vmstat()
         driver.shm_unlink("demo-ctl")

@@ -5,6 +5,10 @@ Access path (ARCHITECTURE.md "The access path"):
 * ``read``/``write`` look the page up in the TLB, a plain list indexed by
   ``vpn - base`` holding a memoryview of the frame (``None`` = not cached), and
   copy straight from/to the node's shared memory under the *access lock*;
+* an access of several pages finds where their frames are from the TLB's numpy
+  mirror (``_layout``): consecutive frames of one node are copied as one slice, others
+  with one ``b"".join`` (reads) or one numpy row copy per node (writes); the answer
+  holds for that range until the TLB changes (``_tlb_gen``);
 * on a miss, the access releases the lock, sends one ``fault`` for every
   missing page of the access, installs the translations and retries;
 * the shootdown thread (``_Shootdown``) serves the coordinator's
@@ -27,7 +31,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import socket
+import struct
 import sys
 import threading
 import time
@@ -55,6 +61,41 @@ STOP_POLL_MS = 50
 
 #: ``Task._npfn`` of a slot that maps the shared zero page (no frame: reads are zeros).
 ZERO_PFN = -2
+
+
+class AccessLock:
+    """The task's access lock: a mutex made of a one-token ``queue.SimpleQueue``.
+
+    ``acquire`` takes the token (waiting with the GIL released while another thread holds
+    it, as ``threading.Lock`` does) and ``release`` puts it back.  Why not a
+    ``threading.Lock``: on CPython 3.11 its ``acquire`` parses its optional arguments on
+    every call, and an acquire/release pair costs about 65 ns against 30 ns for the
+    queue's ``get``/``put`` -- a tenth of an 8-byte TLB hit.  The hot path binds
+    ``take``/``give`` (``give`` wants the token: ``give(True)``).
+    """
+
+    __slots__ = ("_token", "take", "give")
+
+    def __init__(self) -> None:
+        self._token: queue.SimpleQueue = queue.SimpleQueue()
+        self._token.put(True)
+        self.take, self.give = self._token.get, self._token.put
+
+    def acquire(self) -> None:
+        self._token.get()
+
+    def release(self) -> None:
+        if self._token.qsize():  # a second token would let two holders in
+            raise RuntimeError("release of an access lock that is not held")
+        self._token.put(True)
+
+    def locked(self) -> bool:
+        return not self._token.qsize()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self._token.put(True)
 
 
 class MoveResult(list):
@@ -127,7 +168,7 @@ class Task:
         self._latency = LatencyModel(self.topology)
         self._shift = self.page_size.bit_length() - 1
         self._base_vpn = reply["mmap_base"] // self.page_size
-        self._access_lock = threading.Lock()
+        self._access_lock = AccessLock()
         self._rtlb: list[memoryview | None] = []
         self._wtlb: list[memoryview | None] = []
         self._tnode: list[int] = []
@@ -137,10 +178,15 @@ class Task:
         self._npfn = np.full(0, -1, dtype=np.int64)
         self._nnode = np.zeros(0, dtype=np.int64)
         self._nwrite = np.zeros(0, dtype=bool)
+        # Bumped (under the access lock) whenever a translation is installed or dropped:
+        # what was found in the TLB at one generation holds until the next.
+        self._tlb_gen = 0
+        self._layouts: list[tuple] = [((), None), ((), None)]  # see _layout
         self._zero = memoryview(bytes(self.page_size))
         nn = self.topology.num_nodes
         self._pages_by_node = [0] * nn  # since the last fold, at the current CPU node
         self._bytes_by_node = [0] * nn
+        self._eights_by_node = [0] * nn  # 8-byte reads: one page and 8 bytes each
         self._pair_pages = [[0] * nn for _ in range(nn)]  # [cpu node][memory node]
         self._pair_bytes = [[0] * nn for _ in range(nn)]
         self._totals = {"local_accesses": 0, "remote_accesses": 0, "local_bytes": 0,
@@ -200,34 +246,55 @@ class Task:
     def _build_access(self) -> None:
         """Build the read/write closures (the hot path)."""
         rtlb, wtlb, tnode = self._rtlb, self._wtlb, self._tnode
-        acquire, release = self._access_lock.acquire, self._access_lock.release
+        take, give = self._access_lock.take, self._access_lock.give
         base, shift, ps = self._base_vpn, self._shift, self.page_size
         mask = ps - 1
-        pages, nbytes = self._pages_by_node, self._bytes_by_node
+        pages, nbytes, eights = self._pages_by_node, self._bytes_by_node, self._eights_by_node
         slow_read, slow_write = self._slow_read, self._slow_write
         # Mutable cells, updated in place: a caller that kept ``read = task.read`` still sees
         # a CPU move (the latency row) and a change of delay injection.
         lat, per_byte, paybox = self._lat_row, self._byte_row, self._paybox
+        unpack8 = struct.Struct("8s").unpack_from
 
         def read(addr: int, n: int) -> bytes:
             try:  # (free unless raised) anything but integers: the slow path says EINVAL
+                if n == 8 and type(n) is int:  # the usual size: unpack8 checks the bounds
+                    i = (addr >> shift) - base
+                    if i >= 0:
+                        take()
+                        try:
+                            out = unpack8(rtlb[i], addr & mask)[0]  # struct.error: crosses
+                            nd = tnode[i]                            # the end of the page
+                            eights[nd] += 1
+                            if paybox[0] is None:
+                                return out
+                        except (TypeError, IndexError, struct.error):
+                            out = None
+                        finally:
+                            give(True)
+                        if out is not None:
+                            pay = paybox[0]
+                            if pay is not None:
+                                pay(lat[nd] + 8 * per_byte[nd])
+                            return out
+                    return slow_read(addr, n)
                 off = addr & mask
                 if n > 0 and off + n <= ps and n is not True:
                     i = (addr >> shift) - base
                     if i >= 0:
-                        out = None
-                        acquire()
+                        take()
                         try:
-                            mv = rtlb[i]
-                            if mv is not None:
-                                out = mv[off : off + n].tobytes()
-                                nd = tnode[i]
-                                pages[nd] += 1
-                                nbytes[nd] += n
-                        except IndexError:
-                            pass
+                            # No translation: rtlb[i] is None (TypeError) or past the end.
+                            out = rtlb[i][off : off + n].tobytes()
+                            nd = tnode[i]
+                            pages[nd] += 1
+                            nbytes[nd] += n
+                            if paybox[0] is None:
+                                return out
+                        except (TypeError, IndexError):
+                            out = None
                         finally:
-                            release()
+                            give(True)
                         if out is not None:
                             pay = paybox[0]
                             if pay is not None:  # outside the lock: shootdowns go on
@@ -246,19 +313,18 @@ class Task:
                     if n > 0 and off + n <= ps:
                         i = (addr >> shift) - base
                         if i >= 0:
-                            nd = -1
-                            acquire()
+                            take()
                             try:
-                                mv = wtlb[i]
-                                if mv is not None:
-                                    mv[off : off + n] = data
-                                    nd = tnode[i]
-                                    pages[nd] += 1
-                                    nbytes[nd] += n
-                            except IndexError:
-                                pass
+                                wtlb[i][off : off + n] = data  # None: TypeError, see read
+                                nd = tnode[i]
+                                pages[nd] += 1
+                                nbytes[nd] += n
+                                if paybox[0] is None:
+                                    return
+                            except (TypeError, IndexError):
+                                nd = -1
                             finally:
-                                release()
+                                give(True)
                             if nd >= 0:
                                 pay = paybox[0]
                                 if pay is not None:
@@ -308,7 +374,8 @@ class Task:
     def _span(self, addr: Any, n: Any) -> tuple[int, int, int, int]:
         """Check an access of ``n`` bytes at ``addr``; return (addr, n, first and last+1 TLB
         index) with plain ints."""
-        addr, n = argcheck.integer("address", addr), argcheck.integer("length", n)
+        if type(addr) is not int or type(n) is not int:
+            addr, n = argcheck.integer("address", addr), argcheck.integer("length", n)
         if n < 0:
             raise NumaError(errno.EINVAL, f"negative length {n}")
         i0 = (addr >> self._shift) - self._base_vpn
@@ -329,47 +396,97 @@ class Task:
         missing += range(first, min(i1, first + MAX_REQUEST_PAGES - len(missing)))
         return missing
 
-    def _account(self, i0: int, i1: int, first_off: int, last_end: int) -> float:
-        """Charge pages and bytes of a multi-page access to the nodes they live on."""
-        tn = self._tnode[i0:i1]
+    def _account(self, i0: int, i1: int, first_off: int, last_end: int,
+                 node: int = -1) -> float:
+        """Charge an access of TLB slots ``[i0, i1)``, from byte ``first_off`` of the first
+        page to byte ``last_end`` of the last, to the nodes its pages live on (``node``: all
+        of them, when the caller knows); lock held.  Returns the delay owed when injecting."""
         ps = self.page_size
+        if i1 - i0 == 1:
+            node = self._tnode[i0]
+        if node >= 0:
+            first = last = node
+            per_node = [(node, i1 - i0)]
+        else:
+            nodes = self._nnode[i0:i1]
+            first, last = int(nodes[0]), int(nodes[-1])
+            counts = np.bincount(nodes)
+            per_node = [(nd, int(counts[nd])) for nd in np.flatnonzero(counts).tolist()]
         cost = 0.0
-        lat, per_byte = (self._lat_row, self._byte_row) if self._pacer is not None else ((), ())
-        for nd in set(tn):
-            c = tn.count(nd)
-            b = c * ps - (first_off if tn[0] == nd else 0) - (
-                ps - last_end if tn[-1] == nd else 0)
+        lat, per_byte = self._lat_row, self._byte_row
+        for nd, c in per_node:
+            b = c * ps - (first_off if nd == first else 0) - (ps - last_end if nd == last else 0)
             self._pages_by_node[nd] += c
             self._bytes_by_node[nd] += b
-            if lat:
-                cost += c * lat[nd] + b * per_byte[nd]
+            cost += c * lat[nd] + b * per_byte[nd]
         return cost
+
+    def _layout(self, i0: int, i1: int, write: bool) -> tuple[int, int] | None:
+        """``_placement`` of TLB slots ``[i0, i1)`` (two or more), or None when one of them
+        has no translation (for a write: no writable one); lock held.  The last answer for
+        each kind of access holds until the TLB changes (``_tlb_gen``): a loop over the
+        same buffer pays for the checks once."""
+        key = (self._tlb_gen, i0, i1)
+        memo = self._layouts[write]
+        if memo[0] == key:
+            return memo[1]
+        k = i1 - i0
+        if write:
+            ok = self._nwrite[i0:i1]
+            if len(ok) != k or np.count_nonzero(ok) != k:
+                return None
+        else:
+            pfns = self._npfn[i0:i1]
+            if len(pfns) != k or np.count_nonzero(pfns == -1):
+                return None
+        layout = self._placement(i0, i1)
+        self._layouts[write] = (key, layout)
+        return layout
+
+    def _placement(self, i0: int, i1: int) -> tuple[int, int]:
+        """Where the pages of TLB slots ``[i0, i1)`` live, so that a copy can take them in
+        one piece: (their node, or -1 when they are on several; their first frame when
+        they are consecutive frames of that node, else -1).  Lock held; meaningful for
+        slots with translations only (the caller checks that)."""
+        nodes = self._nnode[i0:i1]
+        node = int(nodes[0])
+        if np.count_nonzero(nodes != node):
+            return -1, -1
+        pfns = self._npfn[i0:i1]
+        first = int(pfns[0])
+        if first < 0 or int(pfns[-1]) - first != i1 - i0 - 1 or \
+                np.count_nonzero(pfns[1:] - pfns[:-1] != 1):
+            return node, -1
+        return node, first
 
     def _slow_read(self, addr: int, n: int) -> bytes:
         addr, n, i0, i1 = self._span(addr, n)
         if n == 0:
             return b""
-        mask = self.page_size - 1
-        off, end = addr & mask, ((addr + n - 1) & mask) + 1
+        ps = self.page_size
+        off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
+        node = -1
         while True:
             self._access_lock.acquire()
             try:
-                ents = self._rtlb[i0:i1]
                 out = None
-                if len(ents) == i1 - i0 and ents[0] is not None and ents[-1] is not None:
-                    if len(ents) == 1:
-                        out = ents[0][off:end].tobytes()
-                    else:
+                if i1 - i0 == 1:
+                    if i0 < len(self._rtlb) and self._rtlb[i0] is not None:
+                        out = self._rtlb[i0][off:end].tobytes()
+                elif (layout := self._layout(i0, i1, write=False)) is not None:
+                    node, first = layout
+                    if first >= 0:  # consecutive frames: one slice
+                        start = first * ps + off
+                        out = self._views[node][start : start + n].tobytes()
+                    else:  # still one copy into the result, page by page in C
+                        ents = self._rtlb[i0:i1]
                         ents[0] = ents[0][off:]
                         ents[-1] = ents[-1][:end]
-                        try:  # a missing page in between makes join fail: cheaper than a scan
-                            out = b"".join(ents)
-                        except TypeError:
-                            ents = self._rtlb[i0:i1]
+                        out = b"".join(ents)
                 if out is not None:
-                    cost = self._account(i0, i1, off, end)
+                    cost = self._account(i0, i1, off, end, node)
                     break
-                missing = self._missing(ents, i0, i1)
+                missing = self._missing(self._rtlb[i0:i1], i0, i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=False)
@@ -391,30 +508,55 @@ class Task:
         addr, n, i0, i1 = self._span(addr, n)
         if n == 0:
             return
-        ps, mask = self.page_size, self.page_size - 1
-        off, end = addr & mask, ((addr + n - 1) & mask) + 1
+        ps = self.page_size
+        off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
         while True:
             self._access_lock.acquire()
             try:
-                ents = self._wtlb[i0:i1]
-                if len(ents) == i1 - i0 and None not in ents:
-                    if len(ents) == 1:
-                        ents[0][off:end] = src
-                    else:
-                        pos = ps - off
-                        ents[0][off:] = src[:pos]
-                        for mv in ents[1:-1]:
-                            mv[:] = src[pos : pos + ps]
-                            pos += ps
-                        ents[-1][:end] = src[pos:]
-                    cost = self._account(i0, i1, off, end)
+                if i1 - i0 == 1:
+                    if i0 < len(self._wtlb) and self._wtlb[i0] is not None:
+                        self._wtlb[i0][off:end] = src
+                        cost = self._account(i0, i1, off, end)
+                        break
+                elif (layout := self._layout(i0, i1, write=True)) is not None:
+                    self._store(i0, i1, off, end, src, *layout)
+                    cost = self._account(i0, i1, off, end, layout[0])
                     break
-                missing = self._missing(ents, i0, i1)
+                missing = self._missing(self._wtlb[i0:i1], i0, i1)
             finally:
                 self._access_lock.release()
             self._fault(missing, write=True)
         if self._pacer is not None:
             self._pacer.pay(cost)
+
+    def _store(self, i0: int, i1: int, off: int, end: int, src: memoryview, node: int,
+               first: int) -> None:
+        """Copy ``src`` into the frames of TLB slots ``[i0, i1)`` (two or more, all
+        writable, laid out as ``_placement`` says), from byte ``off`` of the first page to
+        byte ``end`` of the last; lock held.
+
+        Consecutive frames take one slice copy; otherwise the pages in between are whole,
+        and one numpy row copy per node moves them (about as fast), in page order as a loop
+        would store them."""
+        ps = self.page_size
+        if first >= 0:
+            start = first * ps + off
+            self._views[node][start : start + len(src)] = src
+            return
+        wtlb = self._wtlb
+        head = ps - off
+        wtlb[i0][off:] = src[:head]
+        if i1 - i0 > 2:
+            body = np.frombuffer(src, dtype=np.uint8, count=(i1 - i0 - 2) * ps,
+                                 offset=head).reshape(-1, ps)
+            pfns, nodes = self._npfn[i0 + 1 : i1 - 1], self._nnode[i0 + 1 : i1 - 1]
+            if node >= 0:
+                self._segments[node].array[pfns] = body
+            else:
+                for nd in np.unique(nodes).tolist():
+                    sel = nodes == nd
+                    self._segments[nd].array[pfns[sel]] = body[sel]
+        wtlb[i1 - 1][:end] = src[len(src) - end :]
 
     def _fault(self, indices: list[int], write: bool) -> None:
         """One fault request for all missing pages of an access; install the replies."""
@@ -449,6 +591,7 @@ class Task:
 
     def _install(self, idx: list[int], nodes, pfns, prot, stale: set) -> None:
         """Fill TLB entries (caller holds the access lock)."""
+        self._tlb_gen += 1
         rtlb, wtlb, tnode = self._rtlb, self._wtlb, self._tnode
         need = max(idx) + 1 if idx else 0
         if need > len(rtlb):
@@ -499,6 +642,7 @@ class Task:
         consecutive pages; the caller holds the access lock."""
         if len(vpns) == 0:
             return
+        self._tlb_gen += 1
         idx = vpns.astype(np.int64) - self._base_vpn
         breaks = np.flatnonzero(np.diff(idx) != 1) + 1
         starts = np.concatenate(([0], breaks)).tolist()
@@ -530,6 +674,7 @@ class Task:
             while end and rtlb[end - 1] is None and wtlb[end - 1] is None:
                 end -= 1
             del rtlb[end:], wtlb[end:], tnode[end:]
+            self._tlb_gen += 1
             self._npfn, self._nnode, self._nwrite = (self._npfn[:end].copy(),
                                                      self._nnode[:end].copy(),
                                                      self._nwrite[:end].copy())
@@ -726,7 +871,11 @@ class Task:
     def _fold_stats(self) -> None:
         """Charge the counters since the last fold at the current CPU node (lock held)."""
         t = self._totals
-        pages, nbytes = self._pages_by_node, self._bytes_by_node
+        pages, nbytes, eights = self._pages_by_node, self._bytes_by_node, self._eights_by_node
+        for j, count in enumerate(eights):
+            pages[j] += count
+            nbytes[j] += 8 * count
+            eights[j] = 0
         t["access_ns"] += self._latency.cost_ns(self.node, pages, nbytes)
         row_pages, row_bytes = self._pair_pages[self.node], self._pair_bytes[self.node]
         for j in range(len(pages)):
@@ -775,6 +924,7 @@ class Task:
             self._wtlb.clear()
             self._npfn[:] = -1
             self._nwrite[:] = False
+            self._tlb_gen += 1
         shootdown = getattr(self, "_shootdown", None)
         if shootdown is not None:
             shootdown.stop()
@@ -788,6 +938,7 @@ class Task:
             self._wtlb.clear()
             self._npfn[:] = -1
             self._nwrite[:] = False
+            self._tlb_gen += 1
         for view in self._views.values():
             view.release()
         self._views.clear()

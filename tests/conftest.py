@@ -57,12 +57,30 @@ def cluster4():
     assert cluster_is_gone(c.cluster_id)
 
 
+@pytest.fixture(scope="module")
+def fresh_cluster():
+    """A 2-node cluster of its own per test module, 64 MiB per node: its next-fit frame
+    allocators have not wrapped around, so memory faulted or migrated in one batch gets
+    consecutive frames (tests of the paths that depend on frame layout)."""
+    with numaemu.Cluster(small_topology(frames=16384)) as c:
+        yield c
+    assert cluster_is_gone(c.cluster_id)
+
+
+@pytest.fixture
+def fresh_task(fresh_cluster):
+    """A task on CPU 0 (node 0) of ``fresh_cluster``, closed after the test."""
+    t = fresh_cluster.attach(cpu=0)
+    yield t
+    t.close()
+
+
 @pytest.fixture(autouse=True)
 def _invariants_hold(request):
     """After each test on a shared cluster, page tables, page caches, page counts and node
     free maps still agree (ARCHITECTURE.md invariants 1 and 3)."""
     yield
-    for name in ("cluster", "cluster4", "weighted_cluster"):
+    for name in ("cluster", "cluster4", "weighted_cluster", "fresh_cluster"):
         if name in request.fixturenames:
             assert request.getfixturevalue(name).check() == []
 
