@@ -7,11 +7,12 @@ socket does the same job with plain non-blocking calls:
 
 * ``recv_multipart`` takes a queued message at once; only when none is queued does it park
   on one Future that the socket's file descriptor wakes;
-* ``send_multipart`` sends at once (``DONTWAIT``); a message that finds its peer's pipe full
-  (``EAGAIN``) waits in a FIFO, and every later message waits behind it, so the order of
-  messages to a peer never changes (nodes rely on it: a posted ``free`` precedes the next
-  ``alloc``).  Queued messages are retried whenever the descriptor fires and every
-  ``RETRY_S``; the caller bounds the wait (``links.send_bounded``).
+* ``send_now`` sends at once (``DONTWAIT``); a message that finds its peer's pipe full
+  (``EAGAIN``) waits in that peer's FIFO, and every later message to the same peer waits
+  behind it, so the order of messages to a peer never changes (nodes rely on it: a posted
+  ``free`` precedes the next ``alloc``), while other peers are not held up at all.  Queued
+  messages are retried whenever the descriptor fires and every ``RETRY_S``; the caller
+  bounds the wait (``links.send_bounded``).
 
 ZeroMQ's descriptor is edge-triggered and any operation on the socket may consume its
 edge, so after every send and receive (refused ones too) the socket re-reads ``EVENTS`` and
@@ -48,7 +49,7 @@ class LoopSocket(zmq.Socket):
 
     _loop: asyncio.AbstractEventLoop | None = None
     _reader: asyncio.Future | None = None
-    _queued: deque | None = None
+    _queued: dict[bytes, deque] | None = None  # routing id -> messages waiting for room
     _retry: asyncio.TimerHandle | None = None
     _tick: asyncio.TimerHandle | None = None
     missed_wakeups: int = 0
@@ -57,7 +58,7 @@ class LoopSocket(zmq.Socket):
     def _attach(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self._queued = deque()
+            self._queued = {}
             self._fd = self.getsockopt(zmq.FD)
             self._loop.add_reader(self._fd, self._on_events)
             self._tick = self._loop.call_later(TICK_S, self._on_tick)
@@ -71,9 +72,10 @@ class LoopSocket(zmq.Socket):
             for timer in (self._retry, self._tick):
                 if timer is not None:
                     timer.cancel()
-            for _, fut in self._queued:
-                if not fut.done():
-                    fut.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "socket closed"))
+            for queue in self._queued.values():
+                for _, fut in queue:
+                    if not fut.done():
+                        fut.set_exception(zmq.ZMQError(zmq.ENOTSOCK, "socket closed"))
             self._queued.clear()
             if self._reader is not None and not self._reader.done():
                 self._reader.cancel()
@@ -102,15 +104,19 @@ class LoopSocket(zmq.Socket):
 
     # -- sending -----------------------------------------------------------------------
     def send_now(self, frames: list) -> asyncio.Future | None:
-        """Send ``frames`` at once, or queue them behind earlier blocked messages.
+        """Send ``frames`` (routing id first) at once, or queue them behind earlier messages
+        to the same peer that are waiting for room.
 
         Returns ``None`` when the message went out, else a Future that completes when it
         does (or carries the send's error); cancelling it withdraws the message.  Errors
         of an immediate send (such as ``EHOSTUNREACH`` for an unknown routing id) raise
-        here.
+        here.  Only that peer waits: with ``ROUTER_MANDATORY`` a full pipe refuses the
+        messages to its own peer, and a peer that stopped reading must never hold up the
+        replies to everyone else (each waits at most ``links.SEND_TIMEOUT``).
         """
         self._attach()
-        if not self._queued:
+        queue = self._queued.get(frames[0])
+        if queue is None:
             try:
                 super().send_multipart(frames, _DONTWAIT)
             except zmq.Again:
@@ -120,28 +126,32 @@ class LoopSocket(zmq.Socket):
             finally:
                 # Even a refused send processes the socket's commands, and may eat the edge.
                 self._check_events()
+            queue = self._queued[frames[0]] = deque()
         fut = self._loop.create_future()
-        self._queued.append((frames, fut))
+        queue.append((frames, fut))
         self._schedule_retry()
         return fut
 
     def _flush_queue(self) -> None:
-        while self._queued:
-            frames, fut = self._queued[0]
-            if fut.done():  # its sender gave up
-                self._queued.popleft()
-                continue
-            try:
-                super().send_multipart(frames, _DONTWAIT)
-            except zmq.Again:
-                self._schedule_retry()
-                break
-            except zmq.ZMQError as exc:
-                self._queued.popleft()
-                fut.set_exception(exc)
-                continue
-            self._queued.popleft()
-            fut.set_result(None)
+        for ident, queue in list(self._queued.items()):
+            while queue:
+                frames, fut = queue[0]
+                if fut.done():  # its sender gave up
+                    queue.popleft()
+                    continue
+                try:
+                    super().send_multipart(frames, _DONTWAIT)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    queue.popleft()
+                    fut.set_exception(exc)
+                    continue
+                queue.popleft()
+                fut.set_result(None)
+            if not queue:
+                del self._queued[ident]
+        self._schedule_retry()
         self._check_events()
 
     def _schedule_retry(self) -> None:

@@ -143,3 +143,36 @@ def test_a_parked_receiver_wakes_for_every_message_while_the_loop_also_sends(pai
             listener.close(0)
 
     asyncio.run(main())
+
+
+def test_a_peer_that_stops_reading_holds_up_only_its_own_messages(pair):
+    """Replies to a healthy peer go out while a stuck peer's messages still wait for room
+    (they used to queue behind them and could time out with them)."""
+    router, stuck = pair
+    ctx = zmq.Context.instance()
+    healthy = ctx.socket(zmq.DEALER)
+    healthy.setsockopt(zmq.IDENTITY, b"healthy")
+    healthy.connect(router.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    async def main():
+        await _hello(router, stuck)
+        healthy.send(b"hello")
+        assert (await asyncio.wait_for(router.recv_multipart(), 5))[0] == b"healthy"
+        waiting = [asyncio.ensure_future(send_bounded(router, [b"peer", b"x" * 1000],
+                                                      timeout=30)) for _ in range(300)]
+        await asyncio.sleep(0.05)
+        assert not all(w.done() for w in waiting), "the stuck peer's pipe never filled"
+        await send_bounded(router, [b"healthy", b"reply"], timeout=30)
+        deadline = time.monotonic() + 10
+        while not healthy.poll(0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        assert healthy.recv() == b"reply"
+        assert not all(w.done() for w in waiting)  # served while the others still wait
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        healthy.close(0)
