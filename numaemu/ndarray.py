@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from . import arrayops
 from .errors import NumaError
 from .task import ZERO_PFN
 
@@ -241,7 +242,7 @@ class TaskArray:
                 if (len(frames) > len(idx) or frames.min() < 0) and pfn.min() < 0:
                     missing = pfn == -1
                     if missing.any():
-                        faults = np.unique(page[missing])[: task.MAX_FAULT] + self._slot0
+                        faults = arrayops.unique(page[missing])[: task.MAX_FAULT] + self._slot0
                     else:  # only the zero page: read any frame, then zeros
                         zero = pfn == ZERO_PFN
                         pfn[zero] = 0
@@ -279,7 +280,7 @@ class TaskArray:
                     cost = sum(_charge(task, nd, count, self.dtype.itemsize)
                                for nd, count in per_node)
                     break
-                faults = np.unique(page[~writable])[: task.MAX_FAULT] + self._slot0
+                faults = arrayops.unique(page[~writable])[: task.MAX_FAULT] + self._slot0
             task._fault(faults.tolist(), write=True)
         if task._pacer is not None:
             task._pacer.pay(cost)

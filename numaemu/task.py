@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import argcheck
+from . import argcheck, arrayops
 from . import protocol as P
 from .constants import MAX_REQUEST_PAGES, TASK_SIZE, MoveFlag
 from .errors import ClusterError, NumaError
@@ -553,7 +553,7 @@ class Task:
             if node >= 0:
                 self._segments[node].array[pfns] = body
             else:
-                for nd in np.unique(nodes).tolist():
+                for nd in arrayops.values(nodes):
                     sel = nodes == nd
                     self._segments[nd].array[pfns[sel]] = body[sel]
         wtlb[i1 - 1][:end] = src[len(src) - end :]
@@ -609,7 +609,7 @@ class Task:
         if idx:
             at = np.asarray(idx, dtype=np.int64)
             pr = np.asarray(prot, dtype=np.int64)
-            keep = ~np.isin(at, list(stale)) if stale else np.ones(len(at), dtype=bool)
+            keep = ~arrayops.isin(at, list(stale)) if stale else np.ones(len(at), dtype=bool)
             zero = (pr & P.PROT_ZERO) != 0
             self._npfn[at[keep]] = np.where(zero, ZERO_PFN, np.asarray(pfns))[keep]
             self._nnode[at[keep]] = np.where(zero, self.node, np.asarray(nodes))[keep]
@@ -663,7 +663,7 @@ class Task:
         with self._access_lock:
             if vpns is None:
                 vpns = np.arange(len(self._rtlb), dtype=np.int64) + self._base_vpn
-            self._clear(np.unique(vpns.astype(np.int64)))
+            self._clear(arrayops.unique(vpns.astype(np.int64)))
 
     def _trim_tlb(self) -> None:
         """Shrink the TLB lists past their last translation (after munmap): they are sized
