@@ -153,7 +153,7 @@ async def migrate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray, targets: np
             pairs = arrayops.unique(nodes[pending].astype(np.int64) << 16 | targets[pending])
             for s, t in ((int(p) >> 16, int(p) & 0xFFFF) for p in pairs):
                 group = pending[(nodes[pending] == s) & (targets[pending] == t)]
-                chunks = [group[i : i + batch] for i in range(0, len(group), batch)]
+                chunks = _chunks(group, batch)
                 await _run_batches(kernel, s, t, pfns, chunks, rc, sync, cpu_node)
             if (rc == -errno.ENOMEM).any():
                 out_of_memory = NumaError(errno.ENOMEM, "no free frames on the target node")
@@ -169,6 +169,21 @@ async def migrate_pages(kernel, nodes: np.ndarray, pfns: np.ndarray, targets: np
     if out_of_memory is not None:
         raise out_of_memory
     return rc
+
+
+#: A group this big is cut in at least two batches, so that one batch's copy overlaps the
+#: next one's bookkeeping (measured: 4096 pages in 6.6 ms as one batch, 5.5 ms as two).
+SPLIT_MIN = 1024
+
+
+def _chunks(group: np.ndarray, batch: int) -> list[np.ndarray]:
+    """``group`` in batches of at most ``batch`` pages, equal in size, at least two of them
+    when it has ``SPLIT_MIN`` pages or more (the pipeline needs two to overlap)."""
+    count = -(-len(group) // batch)
+    if count == 1 and len(group) >= SPLIT_MIN:
+        count = 2
+    size = -(-len(group) // count)
+    return [group[i : i + size] for i in range(0, len(group), size)]
 
 
 async def _run_batches(kernel, src: int, dst: int, pfns: np.ndarray, chunks: list,
