@@ -9,8 +9,9 @@ delay injection on, the task also busy-waits that cost times a dilation, so wall
 time shows the same ratios.  ``numaemu bench latency`` does this for every pair of nodes.
 """
 
-import random
 import time
+
+import numpy as np
 
 import numaemu
 from numaemu.latency import DEFAULT_DILATION
@@ -26,17 +27,18 @@ rows = []
 for node in task.topology.nodes_with_memory:
     m = task.mmap(PAGES * ps)
     task.mbind(m.addr, m.length, numaemu.MPOL_BIND, [node])
-    task.write(m.addr, bytes(m.length))  # fault all pages in at once
-    # A random cycle through the pages: each holds the address of the next one.
-    addrs = [m.page(p) + 8 * random.randrange(ps // 8) for p in random.sample(range(PAGES), PAGES)]
-    for here, there in zip(addrs, addrs[1:] + addrs[:1]):
-        task.write(here, there.to_bytes(8, "little"))
-    addr = addrs[0]
+    a = m.ndarray(np.int64)  # the mapping as an array of int64
+    a[:] = 0  # fault all pages in at once
+    # A random cycle through the pages: one slot per page holds the index of the next one.
+    rng = np.random.default_rng()
+    slots = rng.permutation(PAGES) * (ps // 8) + rng.integers(0, ps // 8, PAGES)
+    a[slots] = np.roll(slots, -1)  # one scatter writes the whole cycle
+    i = int(slots[0])
     for _ in range(PAGES):  # warm up (and start the injection's deadline from now)
-        addr = int.from_bytes(task.read(addr, 8), "little")
+        i = int(a[i])
     v0, t0 = task.stats()["vtime_ns"], time.perf_counter_ns()
     for _ in range(STEPS):
-        addr = int.from_bytes(task.read(addr, 8), "little")
+        i = int(a[i])  # a dependent 8-byte read: the next index is in this one
     wall = (time.perf_counter_ns() - t0) / STEPS / DEFAULT_DILATION
     rows.append((node, (task.stats()["vtime_ns"] - v0) / STEPS, wall))
     task.munmap(m.addr, m.length)
