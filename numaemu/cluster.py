@@ -193,15 +193,17 @@ class Cluster:
         return self.address
 
     def attach(self, cpu: int | None = None, privileged: bool = False,
-               uid: int | None = None, inject: float | None | bool = True) -> Task:
+               uid: int | None = None, inject: float | None | bool = True,
+               data_path: str | None = None) -> Task:
         """A client task in this process, on ``cpu``; closed when the cluster stops.
 
         ``uid`` is the emulated owner (default: this process's uid); acting on another
         owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do.  Only
         root may pick another ``uid``; ``privileged=True`` needs root or the cluster's owner
-        (the task is bound to this process: docs/design.md, "Identity")."""
+        (the task is bound to this process: docs/design.md, "Identity").  ``data_path``
+        overrides the cluster's (numaemu/remote.py)."""
         task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid, inject=inject,
-                    keys=self.keys, data_path=self.data_path)
+                    keys=self.keys, data_path=data_path or self.data_path)
         self._tasks.append(task)
         return task
 
