@@ -138,10 +138,9 @@ class Connection:
         """The reply to request ``seq`` (replies to earlier, abandoned requests are
         dropped); error replies raise ``NumaError``."""
         deadline = time.monotonic() + timeout
+        poll = self.sock.poll  # the monitor is read between slices (_check_alive)
         while True:
-            events = dict(self._poller.poll(min(POLL_SLICE_MS,
-                                                max(1, (deadline - time.monotonic()) * 1000))))
-            if self.sock in events:
+            if poll(min(POLL_SLICE_MS, max(1, (deadline - time.monotonic()) * 1000))):
                 reply = P.unpack(self.sock.recv(copy=False).buffer)
                 if reply.get("re") != seq:
                     continue  # a late reply to an abandoned request
