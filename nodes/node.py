@@ -38,7 +38,7 @@ from numaemu.errors import ClusterError
 from numaemu.keys import find as find_keys
 from numaemu.protocol import ProtocolError
 
-from .segment import Segment
+from .segment import Segment, load_frames, store_frames
 
 log = logging.getLogger("numaemu.node")
 
@@ -52,7 +52,7 @@ NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "loc
                  "other_node")
 
 #: What the data endpoint serves: frame contents, nothing that changes the node's state.
-DATA_OPS = frozenset({"read_frames", "write_frames", "ping"})
+DATA_OPS = frozenset({"read_frames", "write_frames", "read_elements", "write_elements", "ping"})
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -132,6 +132,8 @@ class Node:
             "account": self.account,
             "read_frames": self.read_frames,
             "write_frames": self.write_frames,
+            "read_elements": self.read_elements,
+            "write_elements": self.write_elements,
             "free_map": self.free_map,
             "copy_in": self.copy_in,
             "inject": self.inject,
@@ -183,16 +185,50 @@ class Node:
     def read_frames(self, req: P.ReadFrames) -> dict:
         self._check_message_frames(req.pfns)
         self._check_pfns(req.pfns)
-        return {"data": self.frames[req.pfns].tobytes()}
+        total = len(req.pfns) * self.segment.page_size
+        length = total - req.offset if req.length == -1 else req.length
+        if not 0 <= req.offset <= total or not 0 <= length <= total - req.offset:
+            raise ProtocolError("offset/length outside the frame list")
+        return {"data": load_frames(self.frames, req.pfns, req.offset, length)}
 
     def write_frames(self, req: P.WriteFrames) -> dict:
         self._check_message_frames(req.pfns)
         self._check_pfns(req.pfns)
-        if len(req.data) != len(req.pfns) * self.segment.page_size:
+        ps, n, end = self.segment.page_size, len(req.pfns), req.offset + len(req.data)
+        if n == 0:
+            if req.offset or req.data:
+                raise ProtocolError("data without frames")
+            return {}
+        # The data starts in the first frame and ends in the last: no frame is listed for
+        # nothing, and every byte has a frame.
+        if not 0 <= req.offset < ps or not (n - 1) * ps < end <= n * ps:
             raise ProtocolError("data length does not match the frame list")
-        self.frames[req.pfns] = np.frombuffer(req.data, dtype=np.uint8).reshape(
-            len(req.pfns), self.segment.page_size
-        )
+        store_frames(self.frames, req.pfns, req.offset, req.data)
+        return {}
+
+    def _items(self, elements: np.ndarray, itemsize: int) -> np.ndarray:
+        """The node's memory as an array of ``itemsize``-byte rows, after checking a request
+        for items at ``elements``."""
+        ps = self.segment.page_size
+        if not 1 <= itemsize <= ps or ps % itemsize:
+            raise ProtocolError(f"item size {itemsize} does not divide the page size")
+        if len(elements) > P.elements_per_message(itemsize):
+            raise ProtocolError(f"{len(elements)} items in one message (at most "
+                                f"{P.elements_per_message(itemsize)})")
+        items = self.frames.reshape(-1, itemsize)
+        if len(elements) and (elements.min() < 0 or elements.max() >= len(items)):
+            raise ProtocolError("item position out of range")
+        return items
+
+    def read_elements(self, req: P.ReadElements) -> dict:
+        items = self._items(req.elements, req.itemsize)
+        return {"data": items[req.elements].tobytes()}
+
+    def write_elements(self, req: P.WriteElements) -> dict:
+        items = self._items(req.elements, req.itemsize)
+        if len(req.data) != len(req.elements) * req.itemsize:
+            raise ProtocolError("data length does not match the item list")
+        items[req.elements] = np.frombuffer(req.data, dtype=np.uint8).reshape(-1, req.itemsize)
         return {}
 
     def copy_in(self, req: P.CopyIn) -> dict:
@@ -408,11 +444,13 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
                 if out is not None:
                     ctrl.send(out)
             if data in events:
-                ident, raw = _split(data.recv_multipart())
+                # Frame contents travel without extra copies: the request is decoded from
+                # zmq's buffer, and a big reply is handed over as it is.
+                ident, raw = _split(data.recv_multipart(copy=False))
                 if ident is not None:
-                    out = state.handle(raw, DATA_OPS)
+                    out = state.handle(raw.buffer, DATA_OPS)
                     if out is not None:
-                        data.send_multipart([ident, out])
+                        data.send_multipart([ident, out], copy=len(out) < (1 << 16))
             if time.monotonic() - last_heard > HEARTBEAT_TIMEOUT:
                 log.error("node %d: no heartbeat from the coordinator for %.1f s; exiting",
                           node, HEARTBEAT_TIMEOUT)
@@ -439,7 +477,7 @@ def _peek_op(raw: bytes) -> str | None:
     return obj.get("op")
 
 
-def _split(frames: list[bytes]) -> tuple[bytes | None, bytes]:
+def _split(frames: list) -> tuple:
     if len(frames) != 2:
-        return None, b""
+        return None, None
     return frames[0], frames[1]

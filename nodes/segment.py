@@ -82,3 +82,43 @@ class Segment:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+def _consecutive(pfns: np.ndarray) -> bool:
+    first = int(pfns[0])
+    return int(pfns[-1]) - first == len(pfns) - 1 and not np.count_nonzero(np.diff(pfns) != 1)
+
+
+def load_frames(frames: np.ndarray, pfns: np.ndarray, offset: int = 0,
+                length: int = -1) -> bytes:
+    """Bytes ``[offset, offset + length)`` of the frames ``pfns`` (rows of ``frames``) taken
+    as one byte string (``length`` -1: to the end); the caller checked the bounds."""
+    n = len(pfns)
+    if length < 0:
+        length = n * frames.shape[1] - offset
+    if n == 0 or length == 0:
+        return b""
+    if _consecutive(pfns):  # one slice of the segment
+        first = int(pfns[0])
+        return frames[first : first + n].reshape(-1)[offset : offset + length].tobytes()
+    return frames[pfns].reshape(-1)[offset : offset + length].tobytes()
+
+
+def store_frames(frames: np.ndarray, pfns: np.ndarray, offset: int, data) -> None:
+    """Store ``data`` into the frames ``pfns`` taken as one byte string, from byte ``offset``
+    of the first frame, in frame order; bytes outside that range keep their contents.  The
+    caller checked that ``offset`` is inside the first frame and the data ends in the last."""
+    src = np.frombuffer(data, dtype=np.uint8)
+    n, ps = len(pfns), frames.shape[1]
+    if n == 0:
+        return
+    first = int(pfns[0])
+    if _consecutive(pfns):
+        frames[first : first + n].reshape(-1)[offset : offset + len(src)] = src
+        return
+    head = ps - offset
+    frames[first, offset:] = src[:head]
+    if n > 2:
+        frames[pfns[1:-1]] = src[head : head + (n - 2) * ps].reshape(-1, ps)
+    tail = offset + len(src) - (n - 1) * ps
+    frames[int(pfns[-1]), :tail] = src[len(src) - tail :]

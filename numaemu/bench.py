@@ -12,6 +12,8 @@
 * ``array``: array views against numpy on the same frames (bench_array.py);
 * ``scale``: per-page migration and fault costs against batch size (bench_scale.py);
 * ``ping``: a request round trip against bare zmq (bench_ping.py);
+* ``remote``: the remote data path's 4 KiB and 1 MiB accesses against bare zmq
+  (bench_remote.py);
 * ``memory``: coordinator bytes per page, client memory after munmap (bench_memory.py);
 * ``all``: the quick ones (startup, fault, access, migrate, latency, array, ping).
 
@@ -353,6 +355,10 @@ def _measure(name: str, *, all_: bool, pages, repeat, batch, topology, dilation,
         from .bench_ping import bench_ping
 
         return bench_ping(repeat, steps or 2000)
+    if name == "remote":
+        from .bench_remote import bench_remote
+
+        return bench_remote(repeat, steps or 1000)
     if name == "memory":
         from .bench_memory import bench_memory
 
@@ -378,4 +384,8 @@ def _text(name: str, figures: dict, text: dict) -> str:
         from .bench_memory import memory_text
 
         return memory_text(figures)
+    if name == "remote":
+        from .bench_remote import remote_text
+
+        return remote_text(figures)
     return text[name](figures)

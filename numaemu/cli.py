@@ -531,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every figure is printed beside a baseline measured in "
                        "the same run; --json prints one JSON object per benchmark, one a line.")
     p.add_argument("what", choices=["startup", "fault", "access", "migrate", "latency",
-                                    "placement", "array", "scale", "ping", "memory", "all"],
+                                    "placement", "array", "scale", "ping", "remote", "memory",
+                                    "all"],
                    help="all: startup, fault, access, migrate, latency, array and ping")
     p.add_argument("--seconds", type=_positive(float), default=None,
                    help="placement: seconds per policy run (default 6)")
@@ -551,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency: wall-clock ns injected per modeled ns (default 50)")
     p.add_argument("--steps", type=_positive(int), default=None,
                    help="latency: timed dependent reads per cell and run (default 20000); "
-                   "ping: round trips per run (default 2000)")
+                   "ping: round trips per run (default 2000); remote: 4 KiB reads per run "
+                   "(default 1000)")
     p.add_argument("--cycles", type=_positive(int), default=None,
                    help="memory: rounds of mmap/touch/munmap in the client (default 10)")
     # The latency bench's machine, given as to `numaemu up` (default: the built-in cluster).

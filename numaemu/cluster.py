@@ -59,8 +59,13 @@ class Cluster:
 
     def __init__(self, topology: Topology | None = None, *, log_level: str = "WARNING",
                  listen: str | None = None, inject_delays: float | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, data_path: str | None = None) -> None:
+        from .remote import data_path_setting
+
         self.topology = topology if topology is not None else Topology.default()
+        #: how its tasks (attached and spawned) reach frames: "auto", "local" or "remote"
+        #: (numaemu/remote.py); None: $NUMAEMU_DATA_PATH, else "auto"
+        self.data_path = data_path_setting(data_path)
         self.log_level = log_level
         self.listen = listen
         self.inject_delays = inject_delays  # dilation every task injects by default
@@ -77,7 +82,8 @@ class Cluster:
             self.start()
 
     @classmethod
-    def connect(cls, address: str | None = None, keys: str | None = None) -> Cluster:
+    def connect(cls, address: str | None = None, keys: str | None = None,
+                data_path: str | None = None) -> Cluster:
         """A handle on a cluster that is already running (``numaemu up``); ``stop()`` only
         closes what this handle attached or spawned, the cluster keeps running.  A tcp
         cluster needs its keys directory (``keys`` or $NUMAEMU_KEYS)."""
@@ -86,7 +92,7 @@ class Cluster:
             raise ClusterError("no cluster address: pass one or set NUMAEMU_ADDRESS")
         with Connection(address, keys=keys) as conn:
             info = conn.call("info")
-        cluster = cls(Topology.from_dict(info["topology"]), start=False)
+        cluster = cls(Topology.from_dict(info["topology"]), start=False, data_path=data_path)
         cluster.address = address
         cluster.keys = keys
         cluster.cluster_id = info["cluster_id"]
@@ -187,15 +193,17 @@ class Cluster:
         return self.address
 
     def attach(self, cpu: int | None = None, privileged: bool = False,
-               uid: int | None = None, inject: float | None | bool = True) -> Task:
+               uid: int | None = None, inject: float | None | bool = True,
+               data_path: str | None = None) -> Task:
         """A client task in this process, on ``cpu``; closed when the cluster stops.
 
         ``uid`` is the emulated owner (default: this process's uid); acting on another
         owner's task needs ``privileged=True``, as ptrace access and CAP_SYS_NICE do.  Only
         root may pick another ``uid``; ``privileged=True`` needs root or the cluster's owner
-        (the task is bound to this process: docs/design.md, "Identity")."""
+        (the task is bound to this process: docs/design.md, "Identity").  ``data_path``
+        overrides the cluster's (numaemu/remote.py)."""
         task = Task(self._require(), cpu=cpu, privileged=privileged, uid=uid, inject=inject,
-                    keys=self.keys)
+                    keys=self.keys, data_path=data_path or self.data_path)
         self._tasks.append(task)
         return task
 
@@ -204,7 +212,8 @@ class Cluster:
         """Run ``fn(task, *args)`` in a new client process; ``fn`` must be importable.
 
         ``uid`` is the task's emulated owner, as for ``attach`` (only root may pick one)."""
-        handle = ClientHandle(self._require(), fn, args, cpu, privileged, uid, self.keys)
+        handle = ClientHandle(self._require(), fn, args, cpu, privileged, uid, self.keys,
+                              self.data_path)
         self._handles.append(handle)
         return handle
 
@@ -303,11 +312,12 @@ class Cluster:
         return {"supervisor": state.get("supervisor_pid", 0), "children": state.get("pids", [])}
 
 
-def _client_main(address: str, fn, args, cpu, privileged, uid, keys, conn) -> None:
+def _client_main(address: str, fn, args, cpu, privileged, uid, keys, conn,
+                 data_path: str | None = None) -> None:
     """Body of a spawned client process."""
     try:
         task = Task(address, cpu=cpu, privileged=privileged, uid=uid,
-                    command=getattr(fn, "__name__", "client"), keys=keys)
+                    command=getattr(fn, "__name__", "client"), keys=keys, data_path=data_path)
     except BaseException as exc:
         conn.send(("error", _portable(exc)))
         return
@@ -340,11 +350,12 @@ class ClientHandle:
     """A spawned client process running ``fn(task, *args)``."""
 
     def __init__(self, address: str, fn, args, cpu, privileged, uid=None,
-                 keys: str | None = None) -> None:
+                 keys: str | None = None, data_path: str | None = None) -> None:
         ctx = _client_context()
         self._conn, child = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_client_main, name=f"numaemu-client-{fn.__name__}",
-                                 args=(address, fn, args, cpu, privileged, uid, keys, child),
+                                 args=(address, fn, args, cpu, privileged, uid, keys, child,
+                                       data_path),
                                  daemon=True)
         self._proc.start()
         child.close()
@@ -399,9 +410,12 @@ class ClientHandle:
 
 
 def attach(address: str | None = None, cpu: int | None = None,
-           privileged: bool = False, keys: str | None = None) -> Task:
+           privileged: bool = False, keys: str | None = None,
+           data_path: str | None = None) -> Task:
     """Attach this process to a running cluster (``address`` defaults to $NUMAEMU_ADDRESS;
-    a tcp cluster's ``keys`` directory to $NUMAEMU_KEYS).
+    a tcp cluster's ``keys`` directory to $NUMAEMU_KEYS).  ``data_path``: "auto" (map the
+    nodes' memory where it can, else use their data services), "local" or "remote"
+    (numaemu/remote.py); None: $NUMAEMU_DATA_PATH, else "auto".
 
     Under ``numaemu run`` the CPU binding and memory policy given on its command
     line are applied to the new task.
@@ -414,7 +428,8 @@ def attach(address: str | None = None, cpu: int | None = None,
     cpus = run.get("cpus")
     if cpu is None and cpus:
         cpu = cpus[0]
-    task = Task(address, cpu=cpu, privileged=privileged, keys=keys, cpuset=run.get("cpuset"))
+    task = Task(address, cpu=cpu, privileged=privileged, keys=keys, cpuset=run.get("cpuset"),
+                data_path=data_path)
     try:
         if cpus:
             task.sched_setaffinity(cpus)

@@ -202,7 +202,7 @@ class TaskArray:
         if k and s0 >= 0 and s0 + k <= len(task._npfn) and (
                 not write or np.count_nonzero(task._nwrite[s0 : s0 + k]) == k):
             nd, first = task._placement(s0, s0 + k)
-            if first >= 0:
+            if first >= 0 and nd not in task._links:  # (not mapped here: by page)
                 start = first * self._per_page + self._first
                 view = self._seg(nd)[start : start + self.size].reshape(self.shape)
                 node = nd
@@ -292,6 +292,8 @@ class TaskArray:
         of elements) for each node."""
         counts = np.bincount(node)
         nodes = np.flatnonzero(counts).tolist()
+        if self.task._links:
+            return self._by_node_remote(node, elem, data, store, nodes, counts)
         if len(nodes) == 1:  # the usual case
             seg = self._seg(nodes[0])
             if store:
@@ -305,6 +307,44 @@ class TaskArray:
                 self._seg(nd)[elem.take(at)] = data if data.ndim == 0 else data.take(at)
             else:
                 data[at] = self._seg(nd).take(elem.take(at))
+        return [(nd, int(counts[nd])) for nd in nodes]
+
+
+    def _by_node_remote(self, node: np.ndarray, elem: np.ndarray, data: np.ndarray,
+                        store: bool, nodes: list[int], counts: np.ndarray) -> list[tuple]:
+        """``_by_node`` for a task that reaches some nodes through their data service
+        (numaemu/remote.py): one request per such node, all sent before any reply is
+        awaited; the lock is held throughout, as for any access."""
+        from . import remote
+
+        size = self.dtype.itemsize
+        waits = []
+        for nd in nodes:
+            at = None if len(nodes) == 1 else np.flatnonzero(node == nd)
+            e = elem if at is None else elem.take(at)
+            if nd not in self.task._links:
+                if store:
+                    self._seg(nd)[e] = data if data.ndim == 0 or at is None else data.take(at)
+                elif at is None:
+                    self._seg(nd).take(e, out=data)
+                else:
+                    data[at] = self._seg(nd).take(e)
+                continue
+            values = None
+            if store:
+                values = np.broadcast_to(data, (len(e),)) if data.ndim == 0 else \
+                    (data if at is None else data.take(at))
+                values = np.ascontiguousarray(values, dtype=self.dtype).view(np.uint8)
+                values = values.reshape(len(e), size)
+            waits.append((remote.elements(self.task, nd, e, size, values), at))
+        for finish, at in waits:
+            got = finish()
+            if not store:
+                items = np.frombuffer(got, dtype=self.dtype)
+                if at is None:
+                    data[:] = items
+                else:
+                    data[at] = items
         return [(nd, int(counts[nd])) for nd in nodes]
 
 

@@ -108,6 +108,12 @@ def frames_per_message(page_size: int) -> int:
     return max(1, MAX_FRAME_DATA // page_size)
 
 
+def elements_per_message(itemsize: int) -> int:
+    """How many items one read_elements / write_elements message carries at most (their
+    positions and their contents each stay within ``MAX_FRAME_DATA``)."""
+    return MAX_FRAME_DATA // max(itemsize, PFN.itemsize)
+
+
 def max_frame_message(page_size: int) -> int:
     """The size limit of an endpoint that carries frame contents (ZMQ_MAXMSGSIZE)."""
     return 2 * max(MAX_FRAME_DATA, page_size) + (1 << 20)
@@ -584,12 +590,42 @@ class Account:
 
 @request("read_frames")
 class ReadFrames:
+    """The contents of ``pfns``, as one byte string of the frames in list order; with
+    ``offset``/``length``, only bytes ``[offset, offset + length)`` of it (``length`` -1:
+    to the end).  A client's access of part of a page reads only that part."""
+
     pfns: PfnArray
+    offset: int = 0
+    length: int = -1
 
 
 @request("write_frames")
 class WriteFrames:
+    """Store ``data`` into the frames of ``pfns`` taken as one byte string, from byte
+    ``offset`` on (``offset`` < page size; the data ends in the last frame): the rest of
+    the first and last frames is left as it is, so a partial write clobbers nothing."""
+
     pfns: PfnArray
+    data: bytes
+    offset: int = 0
+
+
+@request("read_elements")
+class ReadElements:
+    """Items of ``itemsize`` bytes at item positions ``elements`` of the node's memory taken
+    as one array of such items (a client's array gather: numaemu/ndarray.py)."""
+
+    elements: PfnArray
+    itemsize: int
+
+
+@request("write_elements")
+class WriteElements:
+    """Store ``data`` (one item of ``itemsize`` bytes per position, in order: a repeated
+    position keeps the last) at item positions ``elements`` (an array scatter)."""
+
+    elements: PfnArray
+    itemsize: int
     data: bytes
 
 

@@ -61,6 +61,9 @@ STOP_POLL_MS = 50
 
 #: ``Task._npfn`` of a slot that maps the shared zero page (no frame: reads are zeros).
 ZERO_PFN = -2
+#: A TLB list entry of a page on a node the task reaches through the node's data service
+#: (numaemu/remote.py): a translation, but no memory to view.
+REMOTE: Any = object()
 
 
 class AccessLock:
@@ -144,8 +147,14 @@ class Task:
     def __init__(self, address: str, *, cpu: int | None = None, privileged: bool = False,
                  command: str | None = None, uid: int | None = None,
                  inject: float | None | bool = True, keys: str | None = None,
-                 cpuset: str | None = None) -> None:
+                 cpuset: str | None = None, data_path: str | None = None) -> None:
+        from .remote import data_path_setting
+
         self.address = address
+        #: "auto" (map what can be mapped, else the node's data service), "local" or
+        #: "remote" (numaemu/remote.py); None: $NUMAEMU_DATA_PATH, else "auto"
+        self.data_path = data_path_setting(data_path)
+        self._keys_dir = keys
         self._conn = Connection(address, keys=keys)
         self._keys = self._conn.keys
         self._req_lock = threading.Lock()
@@ -192,7 +201,8 @@ class Task:
         self._totals = {"local_accesses": 0, "remote_accesses": 0, "local_bytes": 0,
                         "remote_bytes": 0, "vtime_ns": 0.0, "access_ns": 0.0,
                         "fault_ns": 0.0, "migration_wait_ns": 0.0, "faults": 0,
-                        "migration_waits": 0, "invalidations": 0, "injected_ns": 0.0}
+                        "migration_waits": 0, "invalidations": 0, "injected_ns": 0.0,
+                        "data_requests": 0, "data_ns": 0.0}
         # Delay injection: True = the cluster's setting, None/False = off, or a dilation.
         self._pacer: Pacer | None = None
         if inject is True:
@@ -207,6 +217,7 @@ class Task:
         self._inval_log: list[np.ndarray] = []
         self._segments: dict[int, Any] = {}
         self._views: dict[int, memoryview] = {}
+        self._links: dict[int, Connection] = {}  # nodes reached through their data service
         try:
             self._map_segments(reply["segments"])
             self._shootdown = _Shootdown(self, reply["endpoints"]["tlb"])
@@ -226,10 +237,22 @@ class Task:
     def _map_segments(self, segments: list[dict]) -> None:
         from nodes.segment import Segment
 
+        from .remote import connect
+
         for seg in segments:
+            if self.data_path == "remote":
+                self._links[seg["node"]] = connect(seg["node"], seg.get("data_endpoint", ""),
+                                                   self._keys_dir)
+                continue
             try:
                 s = Segment(seg["path"], seg["frames"], self.page_size, create=False)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
+                if self.data_path == "auto":  # another host: through the node's data service
+                    log.info("node %d's memory is not mapped here (%s): remote data path",
+                             seg["node"], exc)
+                    self._links[seg["node"]] = connect(
+                        seg["node"], seg.get("data_endpoint", ""), self._keys_dir)
+                    continue
                 raise ClusterError(
                     f"cannot map node {seg['node']}'s memory at {seg['path']} ({exc}); "
                     "clients must run on the host of the nodes they access") from None
@@ -336,6 +359,11 @@ class Task:
 
         self.read = read
         self.write = write
+        if self._links:  # some nodes are reached through their data service
+            from . import remote
+
+            self.read = lambda addr, n: remote.read(self, addr, n)
+            self.write = lambda addr, data: remote.write(self, addr, data)
 
     #: Pages one fault request of a vectorised access asks for at most.
     MAX_FAULT = MAX_REQUEST_PAGES
@@ -624,7 +652,8 @@ class Task:
                 wtlb[i] = None
                 tnode[i] = self.node
                 continue
-            mv = views[nd][pfn * ps : (pfn + 1) * ps]
+            view = views.get(nd)
+            mv = REMOTE if view is None else view[pfn * ps : (pfn + 1) * ps]
             rtlb[i] = mv
             wtlb[i] = mv if pr & P.PROT_WRITE else None
             tnode[i] = nd
@@ -892,7 +921,10 @@ class Task:
         ``bytes_by_pair`` split them by [CPU node][memory node].  ``vtime_ns`` is the
         virtual clock: ``access_ns`` + ``fault_ns`` + ``migration_wait_ns``.  ``faults``
         counts fault requests, ``migration_waits`` faults that waited on a page under
-        migration, ``injected_ns`` the real time spent in delay injection.
+        migration, ``injected_ns`` the real time spent in delay injection.  A task that
+        reaches nodes through their data service (numaemu/remote.py) is charged the same;
+        ``data_requests`` counts its requests to data services and ``data_ns`` the real time
+        they took (the network, not the model).
         """
         with self._access_lock:
             self._fold_stats()
@@ -945,6 +977,9 @@ class Task:
         for seg in self._segments.values():
             seg.close()
         self._segments.clear()
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
 
     def __enter__(self) -> Task:
         return self

@@ -31,6 +31,8 @@ CONNECT_TIMEOUT = 5.0
 #: How long a request may wait for its reply while the connection is up.
 REQUEST_TIMEOUT = 120.0
 POLL_SLICE_MS = 200
+#: Messages at least this big are handed to zmq without a copy.
+COPY_THRESHOLD = 1 << 16
 
 _ctx_pid = None
 _ctx: zmq.Context | None = None
@@ -49,11 +51,12 @@ class Connection:
     """A DEALER connected to one ROUTER endpoint, with disconnect detection."""
 
     def __init__(self, address: str, *, connect_timeout: float = CONNECT_TIMEOUT,
-                 keys: str | None = None) -> None:
+                 keys: str | None = None, peer: str = "the coordinator") -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ClusterError(f"not a cluster address: {address!r} (expected ipc://... or "
                                "tcp://...)")
         self.address = address
+        self.peer = peer  # who serves the endpoint, for error messages
         self.connect_timeout = connect_timeout
         #: tcp: the cluster's CURVE keys (or a ClusterError saying where they are); ipc: None
         self.keys = find_keys(address, keys)
@@ -102,9 +105,10 @@ class Connection:
             raise ClusterError(f"{self.address} refused our keys ({op}): they are not this "
                                "cluster's")
         if self.lost:
-            raise ClusterError(f"the coordinator at {self.address} went away ({op})")
+            raise ClusterError(f"{self.peer} at {self.address} went away ({op})")
         if not self.connected and time.monotonic() - self._created > self.connect_timeout:
-            raise ClusterError(f"no coordinator answers at {self.address} ({op})")
+            raise ClusterError(f"no {self.peer.removeprefix('the ')} answers at {self.address} "
+                               f"({op})")
 
     def call(self, op: str, *, timeout: float = REQUEST_TIMEOUT, **fields: Any) -> dict:
         """Send request ``op`` and return its reply; error replies raise ``NumaError``."""
@@ -112,6 +116,10 @@ class Connection:
         return self.request(req, timeout=timeout)
 
     def request(self, req: Any, *, timeout: float = REQUEST_TIMEOUT) -> dict:
+        return self.wait(self.send(req), req.op, timeout=timeout)
+
+    def send(self, req: Any) -> int:
+        """Send request ``req`` without waiting; its sequence number, for ``wait``."""
         if self.sock is None:
             raise ClusterError("connection is closed")
         self._check_alive(req.op)
@@ -123,20 +131,26 @@ class Connection:
             # the call fails as the kernel fails arguments its types cannot hold.
             raise NumaError(errno.EINVAL, f"{req.op}: an argument cannot be sent ({exc})") \
                 from None
-        self.sock.send(raw)
+        self.sock.send(raw, copy=len(raw) < COPY_THRESHOLD)
+        return seq
+
+    def wait(self, seq: int, op: str, *, timeout: float = REQUEST_TIMEOUT) -> dict:
+        """The reply to request ``seq`` (replies to earlier, abandoned requests are
+        dropped); error replies raise ``NumaError``."""
         deadline = time.monotonic() + timeout
+        poll = self.sock.poll  # the monitor is read between slices (_check_alive)
         while True:
-            events = dict(self._poller.poll(POLL_SLICE_MS))
-            if self.sock in events:
-                reply = P.unpack(self.sock.recv())
+            if poll(min(POLL_SLICE_MS, max(1, (deadline - time.monotonic()) * 1000))):
+                reply = P.unpack(self.sock.recv(copy=False).buffer)
                 if reply.get("re") != seq:
                     continue  # a late reply to an abandoned request
                 if not reply.get("ok"):
                     raise NumaError(reply.get("errno", 5), reply.get("error"))
                 return reply
-            self._check_alive(req.op)
+            self._check_alive(op)
             if time.monotonic() > deadline:
-                raise ClusterError(f"no reply to {req.op} from {self.address} in {timeout} s")
+                raise ClusterError(f"no reply to {op} from {self.peer} at {self.address} "
+                                   f"in {timeout} s")
 
     def close(self) -> None:
         if self.sock is not None:

@@ -90,6 +90,14 @@ def test_bench_ping_reports_round_trips_beside_bare_zmq():
                               "syscall_ms", "syscall_slowdown"])
 
 
+def test_bench_remote_reports_the_data_path_beside_bare_zmq():
+    [figures] = bench("remote", "--steps", "20", "--repeat", "1")
+    assert figures["bench"] == "remote" and figures["count"] == 20
+    assert_positive(figures, ["read4k_ms", "zmq4k_ms", "read4k_slowdown", "read1m_gb_s",
+                              "zmq_read1m_gb_s", "read1m_ratio", "write1m_gb_s",
+                              "zmq_write1m_gb_s", "write1m_ratio", "data_requests"])
+
+
 def test_bench_memory_reports_coordinator_bytes_per_page_and_client_after_munmap():
     [figures] = bench("memory", "--pages", "16384", "--cycles", "2")
     assert figures["bench"] == "memory" and figures["pages"] == 16384
