@@ -59,6 +59,9 @@ HEARTBEAT = 1.0
 STOP_POLL_MS = 50
 
 
+#: How long an access that finds the shootdown thread waiting for the access lock sleeps
+#: (GIL released) so that the shootdown gets it first.
+URGENT_YIELD_S = 0.00005
 #: ``Task._npfn`` of a slot that maps the shared zero page (no frame: reads are zeros).
 ZERO_PFN = -2
 #: A TLB list entry of a page on a node the task reaches through the node's data service
@@ -77,15 +80,34 @@ class AccessLock:
     ``take``/``give`` (``give`` wants the token: ``give(True)``).
     """
 
-    __slots__ = ("_token", "take", "give")
+    __slots__ = ("_token", "take", "give", "_urgent")
 
     def __init__(self) -> None:
         self._token: queue.SimpleQueue = queue.SimpleQueue()
         self._token.put(True)
         self.take, self.give = self._token.get, self._token.put
+        self._urgent = 0  # threads waiting in acquire_urgent (the shootdown thread)
 
     def acquire(self) -> None:
+        """Take the lock, after any urgent taker that is waiting for it.
+
+        Neither a lock nor this queue is fair: a thread that releases and re-takes at once
+        usually wins, because the woken waiter needs the GIL first.  An access that holds the
+        lock across a wait (a remote access waits for a node) and loops would starve the
+        shootdown thread until the coordinator fences the task (10 s), so the shootdown takes
+        the lock with ``acquire_urgent`` and every other taker here lets it go first.
+        """
+        while self._urgent:
+            time.sleep(URGENT_YIELD_S)  # let the shootdown thread take the token
         self._token.get()
+
+    def acquire_urgent(self) -> None:
+        """Take the lock ahead of the other takers of ``acquire`` (the shootdown thread)."""
+        self._urgent += 1
+        try:
+            self._token.get()
+        finally:
+            self._urgent -= 1
 
     def release(self) -> None:
         if self._token.qsize():  # a second token would let two holders in
@@ -660,11 +682,15 @@ class Task:
 
     def _invalidate(self, vpns: np.ndarray, write_only: bool) -> None:
         """Called by the shootdown thread: drop entries once no access is in flight."""
-        with self._access_lock:
+        lock = self._access_lock
+        lock.acquire_urgent()
+        try:
             if self._fault_pending:
                 self._inval_log.append(vpns)
             self._clear(vpns, write_only)
             self._totals["invalidations"] += 1
+        finally:
+            lock.release()
 
     def _clear(self, vpns: np.ndarray, write_only: bool = False) -> None:
         """Drop the TLB entries of ``vpns`` (sorted), one slice assignment per run of
