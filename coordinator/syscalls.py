@@ -29,7 +29,7 @@ from numaemu.constants import (
 )
 from numaemu.errors import NumaError
 
-from . import cpuset, creds, filemap, movepages, numa_balancing, procfs, procwatch, zloop
+from . import cpuset, creds, filemap, movepages, numa_balancing, procfs, procwatch
 from .memory import handle_fault, zap_vma
 from .mempolicy import (
     check_mbind_flags,
@@ -491,8 +491,7 @@ class Syscalls:
         vmstat = {"pgmigrate_success": self.k.vmstat.pgmigrate_success,
                   "pgmigrate_fail": self.k.vmstat.pgmigrate_fail, **self.k.numa.counters}
         loop = {"loop_stall_max_ms": round(self.k.loop_stall_max * 1000, 3),
-                "loop_restarts": self.k.loop_restarts, "offline_nodes": sorted(self.k.offline),
-                "missed_wakeups": zloop.stats["missed_wakeups"]}
+                "loop_restarts": self.k.loop_restarts, "offline_nodes": sorted(self.k.offline)}
         return {"nodes": {str(n): s for n, s in stats.items()}, "vmstat": vmstat,
                 "coordinator": loop}
 

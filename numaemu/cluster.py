@@ -250,8 +250,7 @@ class Cluster:
     def coordinator_stats(self) -> dict:
         """The coordinator's own health: ``loop_stall_max_ms`` (the longest its event loop
         was held by one piece of work), ``loop_restarts`` (receive loops restarted by its
-        watchdog), ``offline_nodes``, ``missed_wakeups`` (requests its socket loop found
-        waiting unannounced, each late by at most 20 ms: coordinator/zloop.py)."""
+        watchdog), ``offline_nodes``."""
         return dict(self._call("numastat")["coordinator"])
 
     def offline_nodes(self) -> list[int]:

@@ -89,12 +89,15 @@ def test_an_unknown_peer_raises_at_once(pair):
     asyncio.run(main())
 
 
-def test_a_parked_receiver_wakes_for_every_message_while_the_loop_also_sends(pair):
+def test_a_parked_receiver_wakes_for_every_message_while_the_loop_also_sends(pair,
+                                                                           monkeypatch):
     """Echo 3000 requests sent from another thread, up to 3 in flight: requests arrive
     while the loop sends, and a send that consumes the descriptor's edge must not leave the
-    receiver parked with a request waiting (the client would stall).  (libzmq 4.3 re-signals
-    often enough that dropping the re-check did not stall this test in trials: it guards the
-    liveness of the pattern, not that one line.)"""
+    receiver parked with a request waiting (the client would stall).  The guard tick is off:
+    the descriptor and the EVENTS checks alone must keep every request flowing."""
+    import coordinator.zloop as zloop
+
+    monkeypatch.setattr(zloop, "TICK_S", 3600.0)
     router, dealer = pair
     n = 3000
 
@@ -135,7 +138,6 @@ def test_a_parked_receiver_wakes_for_every_message_while_the_loop_also_sends(pai
                 ident, body = await asyncio.wait_for(router.recv_multipart(), 5)
                 await send_bounded(router, [ident, body])
             await asyncio.get_running_loop().run_in_executor(None, threads[0].join)
-            assert router.missed_wakeups == 0
         finally:
             noise.cancel()
             stop.set()
