@@ -51,19 +51,22 @@ def serve_echo(endpoint: str) -> None:
 
 
 class EchoServer:
-    """``serve_echo`` in a fresh Python process (no zmq state inherited from this one),
-    with a DEALER connected to it: ``round_trips(n)`` times ``n`` echoes one by one."""
+    """A bare ROUTER server (``serve``: ``module:function`` taking its endpoint; by default
+    ``serve_echo``) in a fresh Python process (no zmq state inherited from this one), with a
+    DEALER connected to it: ``round_trips(n)`` times ``n`` echoes one by one.  The baseline
+    server of every benchmark that compares against bare zmq."""
 
-    def __init__(self) -> None:
+    def __init__(self, serve: str = "numaemu.bench_ping:serve_echo") -> None:
         self._dir = tempfile.mkdtemp(prefix="numaemu-bench-")
-        self.endpoint = f"ipc://{self._dir}/echo.sock"
-        code = f"from numaemu.bench_ping import serve_echo; serve_echo({self.endpoint!r})"
+        self.endpoint = f"ipc://{self._dir}/bare.sock"
+        module, function = serve.split(":")
+        code = f"from {module} import {function}; {function}({self.endpoint!r})"
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, text=True)
         self._ctx = self._sock = None
         try:
             if self._proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"the echo server exited with {self._proc.wait()}")
+                raise RuntimeError(f"the bare server {serve} exited with {self._proc.wait()}")
             self._ctx = zmq.Context()
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)

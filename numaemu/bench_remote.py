@@ -17,15 +17,12 @@ median of per-run ratios.  Targets (issue 10): 4 KiB within 2x, 1 MiB at least 5
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import zmq
 
+from .bench_ping import EchoServer
 from .bench_report import Line, Target, table
 from .cluster import Cluster
 from .constants import MPOL_BIND
@@ -61,26 +58,11 @@ def serve_frames(endpoint: str) -> None:
         ctx.term()
 
 
-class FrameServer:
+class FrameServer(EchoServer):
     """``serve_frames`` in a fresh Python process, with a DEALER connected to it."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="numaemu-bench-")
-        self.endpoint = f"ipc://{self._dir}/frames.sock"
-        code = f"from numaemu.bench_remote import serve_frames; serve_frames({self.endpoint!r})"
-        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, text=True)
-        self._ctx = self._sock = None
-        try:
-            if self._proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"the frame server exited with {self._proc.wait()}")
-            self._ctx = zmq.Context()
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.endpoint)
-        except BaseException:
-            self.close()
-            raise
+        super().__init__("numaemu.bench_remote:serve_frames")
 
     def reads(self, n: int, size: int) -> list[float]:
         """Seconds of each of ``n`` requests answered with ``size`` bytes."""
@@ -104,29 +86,6 @@ class FrameServer:
             recv()
             out.append(clock() - t0)
         return out
-
-    def close(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.send(b"stop")
-                self._sock.poll(2000)
-            finally:
-                self._sock.close(0)
-                self._ctx.term()
-                self._sock = None
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc.stdout.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> FrameServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _timed(n: int, fn) -> list[float]:

@@ -41,9 +41,8 @@ import time
 import numpy as np
 
 from . import protocol as P
-from .constants import MAX_REQUEST_PAGES
 from .errors import ClusterError, NumaError
-from .task import ZERO_PFN
+from .task import ZERO_PFN, byte_view
 from .transport import Connection
 
 #: How long an access waits for a node's data service.  The access lock is held meanwhile and
@@ -72,22 +71,6 @@ def connect(node: int, endpoint: str, keys: str | None) -> Connection:
                       peer=f"node {node}'s data service")
 
 
-def missing(task, i0: int, i1: int, write: bool) -> list[int] | None:
-    """TLB slots of ``[i0, i1)`` without a translation (writable, for a write), at most one
-    fault request's worth, or None when all have one; lock held."""
-    if write:
-        ok = task._nwrite[i0:i1]
-    else:
-        ok = task._npfn[i0:i1] != -1
-    have = len(ok)
-    if have == i1 - i0 and np.count_nonzero(ok) == have:
-        return None
-    out = (np.flatnonzero(~ok)[:MAX_REQUEST_PAGES] + i0).tolist()
-    first = i0 + have
-    out += range(first, min(i1, first + MAX_REQUEST_PAGES - len(out)))
-    return out
-
-
 def read(task, addr: int, n: int) -> bytes:
     """``task.read`` of a task with remote nodes."""
     addr, n, i0, i1 = task._span(addr, n)
@@ -95,53 +78,31 @@ def read(task, addr: int, n: int) -> bytes:
         return b""
     ps = task.page_size
     off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
-    lock = task._access_lock
-    while True:
-        lock.acquire()
-        try:
-            want = missing(task, i0, i1, write=False)
-            if want is None:
-                out = transfer(task, i0, i1, off, end, None)
-                cost = task._account(i0, i1, off, end)
-                break
-        finally:
-            lock.release()
-        task._fault(want, write=False)
-    if task._pacer is not None:
-        task._pacer.pay(cost)
-    return out
+
+    def attempt():
+        if not task._translated(i0, i1, write=False):
+            return None
+        return transfer(task, i0, i1, off, end, None), task._account(i0, i1, off, end)
+
+    return task._translated_access(i0, i1, False, attempt)
 
 
 def write(task, addr: int, data) -> None:
     """``task.write`` of a task with remote nodes."""
-    try:
-        src = memoryview(data)
-    except (TypeError, ValueError, BufferError):
-        raise NumaError(errno.EINVAL, "write needs a bytes-like object") from None
-    if src.ndim != 1 or src.format != "B":
-        try:
-            src = src.cast("B")
-        except TypeError:  # not C-contiguous: copy it
-            src = memoryview(src.tobytes())
+    src = byte_view(data)
     addr, n, i0, i1 = task._span(addr, len(src))
     if n == 0:
         return
     ps = task.page_size
     off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
-    lock = task._access_lock
-    while True:
-        lock.acquire()
-        try:
-            want = missing(task, i0, i1, write=True)
-            if want is None:
-                transfer(task, i0, i1, off, end, src)
-                cost = task._account(i0, i1, off, end)
-                break
-        finally:
-            lock.release()
-        task._fault(want, write=True)
-    if task._pacer is not None:
-        task._pacer.pay(cost)
+
+    def attempt():
+        if not task._translated(i0, i1, write=True):
+            return None
+        transfer(task, i0, i1, off, end, src)
+        return None, task._account(i0, i1, off, end)
+
+    task._translated_access(i0, i1, True, attempt)
 
 
 def _parts(task, i0: int, i1: int, off: int, end: int, skip_zero: bool):

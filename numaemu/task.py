@@ -69,6 +69,20 @@ ZERO_PFN = -2
 REMOTE: Any = object()
 
 
+def byte_view(data) -> memoryview:
+    """``data`` (any bytes-like object) as a flat view of bytes: what a write copies from."""
+    try:
+        src = memoryview(data)
+    except (TypeError, ValueError, BufferError):
+        raise NumaError(errno.EINVAL, "write needs a bytes-like object") from None
+    if src.ndim != 1 or src.format != "B":
+        try:
+            src = src.cast("B")
+        except TypeError:  # not C-contiguous: copy it
+            src = memoryview(src.tobytes())
+    return src
+
+
 class AccessLock:
     """The task's access lock: a mutex made of a one-token ``queue.SimpleQueue``.
 
@@ -437,6 +451,41 @@ class Task:
         i1 = ((addr + max(n, 1) - 1) >> self._shift) - self._base_vpn + 1
         return addr, n, i0, i1
 
+    def _translated_access(self, i0: int, i1: int, write: bool, attempt) -> Any:
+        """Run an access of TLB slots ``[i0, i1)`` (a ``write`` needs writable slots):
+        ``attempt()`` runs under the access lock and returns ``(value, cost)``, or None when a
+        slot lacks its translation; those are then faulted in with the lock released (rule
+        1 of docs/design.md: the coordinator may be waiting for this client's shootdown
+        ack) and the attempt repeats.  Pays the injected delay; returns the value.  The
+        mapped, remote (numaemu/remote.py) and array paths all go through here."""
+        lock = self._access_lock
+        while True:
+            lock.acquire()
+            try:
+                done = attempt()
+                if done is None:
+                    missing = self._missing((self._wtlb if write else self._rtlb)[i0:i1],
+                                            i0, i1)
+            finally:
+                lock.release()
+            if done is not None:
+                break
+            self._fault(missing, write=write)
+        value, cost = done
+        if self._pacer is not None:
+            self._pacer.pay(cost)
+        return value
+
+    def _translated(self, i0: int, i1: int, write: bool) -> bool:
+        """Whether every slot of ``[i0, i1)`` has a translation (writable, for a write), by
+        the numpy TLB; lock held."""
+        k = i1 - i0
+        if write:
+            ok = self._nwrite[i0:i1]
+            return len(ok) == k and np.count_nonzero(ok) == k
+        pfns = self._npfn[i0:i1]
+        return len(pfns) == k and not np.count_nonzero(pfns == -1)
+
     @staticmethod
     def _missing(ents: list, i0: int, i1: int) -> list[int]:
         """TLB indices of ``[i0, i1)`` without a translation (``ents`` is the TLB's slice),
@@ -480,15 +529,8 @@ class Task:
         memo = self._layouts[write]
         if memo[0] == key:
             return memo[1]
-        k = i1 - i0
-        if write:
-            ok = self._nwrite[i0:i1]
-            if len(ok) != k or np.count_nonzero(ok) != k:
-                return None
-        else:
-            pfns = self._npfn[i0:i1]
-            if len(pfns) != k or np.count_nonzero(pfns == -1):
-                return None
+        if not self._translated(i0, i1, write):
+            return None
         layout = self._placement(i0, i1)
         self._layouts[write] = (key, layout)
         return layout
@@ -515,69 +557,49 @@ class Task:
             return b""
         ps = self.page_size
         off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
-        node = -1
-        while True:
-            self._access_lock.acquire()
-            try:
-                out = None
-                if i1 - i0 == 1:
-                    if i0 < len(self._rtlb) and self._rtlb[i0] is not None:
-                        out = self._rtlb[i0][off:end].tobytes()
-                elif (layout := self._layout(i0, i1, write=False)) is not None:
-                    node, first = layout
-                    if first >= 0:  # consecutive frames: one slice
-                        start = first * ps + off
-                        out = self._views[node][start : start + n].tobytes()
-                    else:  # still one copy into the result, page by page in C
-                        ents = self._rtlb[i0:i1]
-                        ents[0] = ents[0][off:]
-                        ents[-1] = ents[-1][:end]
-                        out = b"".join(ents)
-                if out is not None:
-                    cost = self._account(i0, i1, off, end, node)
-                    break
-                missing = self._missing(self._rtlb[i0:i1], i0, i1)
-            finally:
-                self._access_lock.release()
-            self._fault(missing, write=False)
-        if self._pacer is not None:
-            self._pacer.pay(cost)
-        return out
+
+        def attempt():
+            if i1 - i0 == 1:
+                if i0 < len(self._rtlb) and self._rtlb[i0] is not None:
+                    return self._rtlb[i0][off:end].tobytes(), self._account(i0, i1, off, end)
+                return None
+            layout = self._layout(i0, i1, write=False)
+            if layout is None:
+                return None
+            node, first = layout
+            if first >= 0:  # consecutive frames: one slice
+                start = first * ps + off
+                out = self._views[node][start : start + n].tobytes()
+            else:  # still one copy into the result, page by page in C
+                ents = self._rtlb[i0:i1]
+                ents[0] = ents[0][off:]
+                ents[-1] = ents[-1][:end]
+                out = b"".join(ents)
+            return out, self._account(i0, i1, off, end, node)
+
+        return self._translated_access(i0, i1, False, attempt)
 
     def _slow_write(self, addr: int, data) -> None:
-        try:
-            src = memoryview(data)
-        except (TypeError, ValueError, BufferError):
-            raise NumaError(errno.EINVAL, "write needs a bytes-like object") from None
-        if src.ndim != 1 or src.format != "B":
-            try:
-                src = src.cast("B")
-            except TypeError:  # not C-contiguous: copy it
-                src = memoryview(src.tobytes())
-        n = len(src)
-        addr, n, i0, i1 = self._span(addr, n)
+        src = byte_view(data)
+        addr, n, i0, i1 = self._span(addr, len(src))
         if n == 0:
             return
         ps = self.page_size
         off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
-        while True:
-            self._access_lock.acquire()
-            try:
-                if i1 - i0 == 1:
-                    if i0 < len(self._wtlb) and self._wtlb[i0] is not None:
-                        self._wtlb[i0][off:end] = src
-                        cost = self._account(i0, i1, off, end)
-                        break
-                elif (layout := self._layout(i0, i1, write=True)) is not None:
-                    self._store(i0, i1, off, end, src, *layout)
-                    cost = self._account(i0, i1, off, end, layout[0])
-                    break
-                missing = self._missing(self._wtlb[i0:i1], i0, i1)
-            finally:
-                self._access_lock.release()
-            self._fault(missing, write=True)
-        if self._pacer is not None:
-            self._pacer.pay(cost)
+
+        def attempt():
+            if i1 - i0 == 1:
+                if i0 < len(self._wtlb) and self._wtlb[i0] is not None:
+                    self._wtlb[i0][off:end] = src
+                    return None, self._account(i0, i1, off, end)
+                return None
+            layout = self._layout(i0, i1, write=True)
+            if layout is None:
+                return None
+            self._store(i0, i1, off, end, src, *layout)
+            return None, self._account(i0, i1, off, end, layout[0])
+
+        self._translated_access(i0, i1, True, attempt)
 
     def _store(self, i0: int, i1: int, off: int, end: int, src: memoryview, node: int,
                first: int) -> None:
