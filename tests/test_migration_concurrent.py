@@ -140,13 +140,14 @@ def test_page_ping_pongs_between_nodes_while_other_processes_read_it(cluster, ro
     assert cluster.check() == []
 
 
-def test_increments_are_exact_while_their_pages_keep_moving(cluster, root):
-    """Several processes increment their own slots across shared pages that a privileged
-    task keeps moving: no lost update, no torn page, and the clients met migration entries."""
-    pages, clients, moves_wanted = 4, 3, 40
-    mine = root.mmap(pages * PS, shared="stress")
+def increments_under_moves(cluster, root, name: str, moves_wanted: int,
+                           pages: int = 4, clients: int = 3) -> list:
+    """Client processes increment their own slots across shared pages ``name`` while
+    ``root`` moves the pages ``moves_wanted`` times; checks every count and that every move
+    succeeded; returns the clients' (rounds, migration waits)."""
+    mine = root.mmap(pages * PS, shared=name)
     root.write(mine.addr, bytes(pages * PS))
-    workers = [cluster.spawn(_incrementer, "stress", slot, pages, cpu=slot % 4)
+    workers = [cluster.spawn(_incrementer, name, slot, pages, cpu=slot % 4)
                for slot in range(clients)]
     # Slow the copies down so that the clients surely meet pages under migration.
     for node in (0, 1):
@@ -164,9 +165,16 @@ def test_increments_are_exact_while_their_pages_keep_moving(cluster, root):
     assert_increments(root, mine, [rounds for rounds, _ in results])
     assert moves == moves_wanted and failures == 0
     assert all(rounds > 0 for rounds, _ in results)
-    assert sum(waits for _, waits in results) > 0, "no client waited on a migrating page"
     root.munmap(mine.addr, mine.length)
-    root.shm_unlink("stress")
+    root.shm_unlink(name)
+    return results
+
+
+def test_increments_are_exact_while_their_pages_keep_moving(cluster, root):
+    """Several processes increment their own slots across shared pages that a privileged
+    task keeps moving: no lost update, no torn page, and the clients met migration entries."""
+    results = increments_under_moves(cluster, root, "stress", 40)
+    assert sum(waits for _, waits in results) > 0, "no client waited on a migrating page"
     assert cluster.check() == []
 
 

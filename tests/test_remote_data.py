@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 from conftest import cluster_is_gone, small_topology
-from test_migration_concurrent import GO, PS, STOP, _incrementer, _pingpong, assert_increments
+from test_migration_concurrent import PS, increments_under_moves
 
 import numaemu
-from numaemu import MPOL_BIND, MPOL_INTERLEAVE, MPOL_MF_MOVE_ALL, ClusterError, NumaError, remote
+from numaemu import MPOL_BIND, MPOL_INTERLEAVE, ClusterError, NumaError, remote
 from numaemu import protocol as P
 from numaemu.transport import Connection
 
@@ -151,28 +151,7 @@ def test_increments_are_exact_while_pages_move_under_remote_clients(rcluster):
     """The shootdown guarantee over the wire: incrementers in their own processes, reaching
     memory only through the data services, while a privileged task keeps moving the pages."""
     root = rcluster.attach(cpu=1, privileged=True)
-    pages, clients, moves_wanted = 4, 3, 30
-    mine = root.mmap(pages * PS, shared="rstress")
-    root.write(mine.addr, bytes(pages * PS))
-    workers = [rcluster.spawn(_incrementer, "rstress", slot, pages, cpu=slot % 4)
-               for slot in range(clients)]
-    for node in (0, 1):
-        root._sync_call("inject_fault", node=node, request="copy_in", count=10000, delay=0.005)
-    root.write(mine.addr + GO, b"\1")
-    try:
-        count = iter(range(moves_wanted))
-        moves, failures = _pingpong(root, root.pid, mine.pages,
-                                    lambda: next(count, None) is None, flags=MPOL_MF_MOVE_ALL)
-    finally:
-        root.write(mine.addr + STOP, b"\1")
-        for node in (0, 1):
-            root._sync_call("inject_fault", node=node, request="copy_in", count=0, delay=0.01)
-    results = [w.join(60) for w in workers]
-    assert_increments(root, mine, [rounds for rounds, _ in results])
-    assert moves == moves_wanted and failures == 0
-    assert all(rounds > 0 for rounds, _ in results)
-    root.munmap(mine.addr, mine.length)
-    root.shm_unlink("rstress")
+    increments_under_moves(rcluster, root, "rstress", 30)
     root.close()
     assert rcluster.check() == []
 
