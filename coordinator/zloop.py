@@ -63,7 +63,7 @@ class LoopSocket(zmq.Socket):
     def close(self, linger: int | None = None) -> None:
         if self._loop is not None and not self.closed:
             try:
-                self._loop.remove_reader(self.getsockopt(zmq.FD))
+                self._loop.remove_reader(self._fd)
             except (RuntimeError, zmq.ZMQError, ValueError):
                 pass  # the loop is closed already
             for timer in (self._retry, self._tick):
@@ -89,8 +89,7 @@ class LoopSocket(zmq.Socket):
             except zmq.Again:
                 pass
             else:
-                self._check_events()
-                return frames
+                return frames  # (no receiver is parked: this one is the only receiver)
             if self.getsockopt(_EVENTS) & _POLLIN:
                 continue  # the failed receive processed pending commands: try again
             self._reader = self._loop.create_future()
