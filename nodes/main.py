@@ -7,7 +7,7 @@ import logging
 import os
 
 from numaemu import log as numaemu_log
-from numaemu.keys import KEYS_ENV
+from numaemu.keys import KEYS_ENV, Keys
 from numaemu.keys import find as find_keys
 from numaemu.transport import Connection
 
@@ -27,15 +27,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(a node serves its data endpoint as the cluster)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    with Connection(args.coordinator, keys=args.keys) as conn:
+    join(args.coordinator, args.node, args.data_endpoint or "tcp://*:*", args.keys,
+         args.log_level)
+    return 0
+
+
+def join(coordinator: str, node: int, data_endpoint: str, keys: str | Keys | None,
+         log_level: str | int = "INFO") -> None:
+    """Serve as node ``node`` of the cluster at ``coordinator`` until told to stop."""
+    with Connection(coordinator, keys=keys) as conn:
         info = conn.call("info")
     log_endpoint = info["log_endpoint"]
-    numaemu_log.setup_forwarding(log_endpoint, role="node", node=args.node,
-                                 level=args.log_level, keys=find_keys(log_endpoint, args.keys))
+    numaemu_log.setup_forwarding(log_endpoint, role="node", node=node, level=log_level,
+                                 keys=find_keys(log_endpoint, keys))
     topo = info["topology"]
-    frames = topo["frames_per_node"][args.node]
-    data = args.data_endpoint or "tcp://*:*"
-    logging.getLogger("numaemu.node").info("node %d joining %s", args.node, args.coordinator)
-    run_node(args.node, info["endpoints"]["nodes"], info["cluster_id"], frames,
-             topo["page_size"], data, keys=args.keys)
-    return 0
+    logging.getLogger("numaemu.node").info("node %d joining %s", node, coordinator)
+    run_node(node, info["endpoints"]["nodes"], info["cluster_id"],
+             topo["frames_per_node"][node], topo["page_size"], data_endpoint, keys=keys)

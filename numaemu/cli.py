@@ -79,6 +79,10 @@ def _call(args, op: str, **fields) -> dict:
 
 def cmd_up(args) -> int:
     topology = _topology_from_args(args)
+    if args.ray is not None:
+        from .raylaunch import require_ray
+
+        require_ray()  # says how to install it
     if args.detach:
         return _up_detached(args, topology)
     from .supervisor import supervise
@@ -94,13 +98,24 @@ def cmd_up(args) -> int:
                 if ready.get("keys"):
                     print(f"keys:    {ready['keys']} (tcp peers need them)")
                     print(f"export {KEYS_ENV}={ready['keys']}")
+                if ready.get("ray"):
+                    print(f"ray:     {ready['ray']['address']}")
+                    for node, where in sorted(ready["ray"]["nodes"].items(), key=_by_int):
+                        print(f"  node {node}: Ray node {where['node_id'][:12]} "
+                              f"({where['ip']}, pid {where['pid']})")
                 print("Ctrl-C stops it.", flush=True)
 
         def flush(self) -> None:
             sys.stdout.flush()
 
     return supervise(topology, log_level=args.log_level, listen=args.listen,
-                     ready_out=_Announce(), inject_delays=args.inject_delays)
+                     ready_out=_Announce(), inject_delays=args.inject_delays,
+                     launcher="local" if args.ray is None else "ray",
+                     ray_address=args.ray or None)
+
+
+def _by_int(item: tuple) -> int:
+    return int(item[0])
 
 
 def _up_detached(args, topology: Topology) -> int:
@@ -112,6 +127,8 @@ def _up_detached(args, topology: Topology) -> int:
         cmd += ["--listen", args.listen]
     if args.inject_delays:
         cmd += ["--inject-delays", str(args.inject_delays)]
+    if args.ray is not None:
+        cmd += ["--launcher", "ray"] + (["--ray-address", args.ray] if args.ray else [])
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     line = proc.stdout.readline()
@@ -432,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "node data ports) instead of ipc")
     p.add_argument("--inject-delays", type=float, metavar="DILATION", default=None,
                    help="tasks busy-wait each access's modeled latency x DILATION")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="place the coordinator and nodes on a Ray cluster (default: "
+                   "$RAY_ADDRESS or the one on this host); needs pip install -e '.[ray]'")
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=cmd_up)
 

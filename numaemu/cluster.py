@@ -59,9 +59,12 @@ class Cluster:
 
     def __init__(self, topology: Topology | None = None, *, log_level: str = "WARNING",
                  listen: str | None = None, inject_delays: float | None = None,
-                 start: bool = True, data_path: str | None = None) -> None:
+                 start: bool = True, data_path: str | None = None, launcher: str = "local",
+                 ray_address: str | None = None) -> None:
         from .remote import data_path_setting
 
+        if launcher not in ("local", "ray"):
+            raise ClusterError(f"launcher must be 'local' or 'ray', not {launcher!r}")
         self.topology = topology if topology is not None else Topology.default()
         #: how its tasks (attached and spawned) reach frames: "auto", "local" or "remote"
         #: (numaemu/remote.py); None: $NUMAEMU_DATA_PATH, else "auto"
@@ -69,6 +72,13 @@ class Cluster:
         self.log_level = log_level
         self.listen = listen
         self.inject_delays = inject_delays  # dilation every task injects by default
+        #: "local": the supervisor forks every process here; "ray": Ray actors own them, on
+        #: the hosts of the Ray cluster at ``ray_address`` (numaemu/raylaunch.py)
+        self.launcher = launcher
+        self.ray_address = ray_address
+        #: Ray launcher: the Ray cluster's address and where each process runs
+        #: (``{"address", "coordinator", "nodes": {node: {"node_id", "ip", "host"}}}``)
+        self.ray: dict | None = None
         self.address: str | None = None
         self.cluster_id: str | None = None
         self.run_dir: str | None = None
@@ -83,16 +93,18 @@ class Cluster:
 
     @classmethod
     def connect(cls, address: str | None = None, keys: str | None = None,
-                data_path: str | None = None) -> Cluster:
+                data_path: str | None = None, ray_address: str | None = None) -> Cluster:
         """A handle on a cluster that is already running (``numaemu up``); ``stop()`` only
         closes what this handle attached or spawned, the cluster keeps running.  A tcp
-        cluster needs its keys directory (``keys`` or $NUMAEMU_KEYS)."""
+        cluster needs its keys directory (``keys`` or $NUMAEMU_KEYS).  ``ray_address``:
+        spawn clients on that Ray cluster (``numaemu up --ray``)."""
         address = address or os.environ.get("NUMAEMU_ADDRESS")
         if not address:
             raise ClusterError("no cluster address: pass one or set NUMAEMU_ADDRESS")
         with Connection(address, keys=keys) as conn:
             info = conn.call("info")
-        cluster = cls(Topology.from_dict(info["topology"]), start=False, data_path=data_path)
+        cluster = cls(Topology.from_dict(info["topology"]), start=False, data_path=data_path,
+                      launcher="ray" if ray_address else "local", ray_address=ray_address)
         cluster.address = address
         cluster.keys = keys
         cluster.cluster_id = info["cluster_id"]
@@ -114,6 +126,13 @@ class Cluster:
             cmd += ["--listen", self.listen]
         if self.inject_delays:
             cmd += ["--inject-delays", str(float(self.inject_delays))]
+        if self.launcher == "ray":
+            from .raylaunch import require_ray
+
+            require_ray()  # say how to install it before anything starts
+            cmd += ["--launcher", "ray"]
+            if self.ray_address:
+                cmd += ["--ray-address", self.ray_address]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       start_new_session=True)
         try:
@@ -126,6 +145,7 @@ class Cluster:
         self.run_dir = ready["run_dir"]
         self.log_path = ready["log"]
         self.keys = ready.get("keys")
+        self.ray = ready.get("ray")
 
     def _read_ready(self) -> dict:
         deadline = time.monotonic() + START_TIMEOUT
@@ -208,14 +228,50 @@ class Cluster:
         return task
 
     def spawn(self, fn: Callable[..., Any], *args: Any, cpu: int | None = None,
-              privileged: bool = False, uid: int | None = None) -> ClientHandle:
+              privileged: bool = False, uid: int | None = None,
+              host: str | None = None) -> ClientHandle:
         """Run ``fn(task, *args)`` in a new client process; ``fn`` must be importable.
 
-        ``uid`` is the task's emulated owner, as for ``attach`` (only root may pick one)."""
-        handle = ClientHandle(self._require(), fn, args, cpu, privileged, uid, self.keys,
-                              self.data_path)
+        ``uid`` is the task's emulated owner, as for ``attach`` (only root may pick one).
+        On a Ray-launched cluster the client is a Ray actor: on ``host`` (a Ray node id or
+        a unique prefix of one, a host address, or a ``key=value`` node label), else on
+        the Ray node of ``cpu``'s node, else where Ray likes (numaemu/raylaunch.py)."""
+        address = self._require()
+        if self.launcher == "ray":
+            from .raylaunch import RayClientHandle
+
+            options = {"cpu": cpu, "privileged": privileged, "uid": uid,
+                       "data_path": self.data_path,
+                       "command": getattr(fn, "__name__", "client")}
+            handle = RayClientHandle(address, self.keys, fn, args, options,
+                                     self._ray_strategy(cpu, host))
+        elif host is not None:
+            raise ClusterError("host= places a client on a Ray cluster's hosts: start the "
+                               "cluster with launcher='ray' (numaemu up --ray)")
+        else:
+            handle = ClientHandle(address, fn, args, cpu, privileged, uid, self.keys,
+                                  self.data_path)
         self._handles.append(handle)
         return handle
+
+    def _ray_strategy(self, cpu: int | None, host: str | None):
+        """Where a Ray client runs: ``host``, else next to ``cpu``'s node, else anywhere."""
+        from . import raylaunch
+
+        raylaunch.init(self.ray["address"] if self.ray else self.ray_address)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if host is None and cpu is not None and cpu in self.topology.cpus:
+            node = self.topology.node_of_cpu(cpu)
+            if self.ray:
+                host = self.ray["nodes"][str(node)]["node_id"]
+            else:  # a cluster we did not start: the host of the node's data endpoint
+                segments = self._call("info")["segments"]
+                endpoint = next(s["data_endpoint"] for s in segments if s["node"] == node)
+                host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+        if host is None:
+            return None
+        return NodeAffinitySchedulingStrategy(raylaunch.resolve_host(host), soft=False)
 
     def _call(self, op: str, **fields) -> dict:
         with Connection(self._require(), keys=self.keys) as conn:

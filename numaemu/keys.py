@@ -11,9 +11,13 @@ it holds the cluster's client credential:
   nodes' data endpoints, the log collector), and a *client credential*, which
   every peer uses to connect (tasks, the CLI, nodes, log forwarders);
 * each process that binds a tcp socket runs a ZAP handler (pyzmq's
-  authenticator) that admits only the client credential's public key, so a peer
-  without it, or with another key, is refused during the handshake, before any
-  message reaches a handler;
+  authenticator, with this module's ``Keys`` as its credentials callback) that
+  admits only the client credential's public key, so a peer without it, or with
+  another key, is refused during the handshake, before any message reaches a
+  handler;
+* keys are read once and then held in memory (``Keys``); a process started by
+  the Ray launcher gets them over a pipe and never writes them to its host's
+  disk (numaemu/raylaunch.py);
 * a peer finds the keys in ``--keys DIR`` / ``keys=`` or ``$NUMAEMU_KEYS``; a
   tcp address without keys is refused on our side with a ``ClusterError`` that
   says where to find them.
@@ -26,7 +30,7 @@ uid is over ipc.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 import zmq.asyncio
@@ -61,11 +65,6 @@ class Keys:
         try:
             for name in (SERVER, CLIENT):
                 zmq.auth.create_certificates(directory, name)
-            allowed = os.path.join(directory, "allowed")
-            os.makedirs(allowed, mode=0o700, exist_ok=True)
-            public, _ = zmq.auth.load_certificate(os.path.join(directory, f"{CLIENT}.key"))
-            with open(os.path.join(allowed, f"{CLIENT}.key"), "w") as f:
-                f.write(f'curve\n    public-key = "{public.decode()}"\n')
         finally:
             os.umask(old)
         return cls.load(directory)
@@ -89,10 +88,37 @@ class Keys:
             raise ClusterError(f"{directory} has no client secret key")
         return cls(directory, server_public, server_secret, client_public, client_secret)
 
-    @property
-    def allowed(self) -> str:
-        """The directory of public keys the ZAP handler admits."""
-        return os.path.join(self.directory, "allowed")
+    def for_client(self) -> Keys:
+        """These keys without the cluster's secret key: what a client (a peer that never
+        serves as the cluster) is given, held in memory only."""
+        return replace(self, directory="(in memory)", server_secret=None)
+
+    def to_text(self) -> dict[str, str | None]:
+        """The keys as Z85 text (the form of the key files), for a pipe to a process."""
+        def text(key: bytes | None) -> str | None:
+            return None if key is None else key.decode("ascii")
+
+        return {"server_public": text(self.server_public),
+                "server_secret": text(self.server_secret),
+                "client_public": text(self.client_public),
+                "client_secret": text(self.client_secret)}
+
+    @classmethod
+    def from_text(cls, fields: dict[str, str | None]) -> Keys:
+        """The inverse of ``to_text``."""
+        def key(name: str) -> bytes | None:
+            value = fields.get(name)
+            return None if value is None else value.encode("ascii")
+
+        if not fields.get("client_public") or not fields.get("client_secret"):
+            raise ClusterError("keys without a client credential")
+        return cls("(in memory)", key("server_public"), key("server_secret"),
+                   key("client_public"), key("client_secret"))
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The ZAP handler's question, "may the peer holding public ``key`` connect?": only
+        the client credential may."""
+        return key == self.client_public
 
     def client(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE client of the cluster (before it connects)."""
@@ -121,15 +147,17 @@ class Keys:
 
             auth = ThreadAuthenticator(ctx)
         auth.start()
-        auth.configure_curve(domain="*", location=self.allowed)
+        auth.configure_curve_callback(domain="*", credentials_provider=self)
         return auth
 
 
-def find(endpoint: str, directory: str | None = None) -> Keys | None:
-    """The keys to reach ``endpoint``: None for ipc; for tcp, from ``directory`` or
-    ``$NUMAEMU_KEYS``, else a ``ClusterError`` saying where they are."""
+def find(endpoint: str, directory: str | Keys | None = None) -> Keys | None:
+    """The keys to reach ``endpoint``: None for ipc; for tcp, from ``directory`` (or keys
+    already loaded) or ``$NUMAEMU_KEYS``, else a ``ClusterError`` saying where they are."""
     if not is_tcp(endpoint):
         return None
+    if isinstance(directory, Keys):
+        return directory
     directory = directory or os.environ.get(KEYS_ENV)
     if not directory:
         raise ClusterError(f"{endpoint} is a tcp cluster: it serves only peers with its keys; "

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import protocol as P
 from .errors import ClusterError, NumaError
+from .keys import Keys
 from .task import ZERO_PFN, byte_view
 from .transport import Connection
 
@@ -63,7 +64,7 @@ def data_path_setting(data_path: str | None) -> str:
     return data_path
 
 
-def connect(node: int, endpoint: str, keys: str | None) -> Connection:
+def connect(node: int, endpoint: str, keys: str | Keys | None) -> Connection:
     """A connection to node ``node``'s data service."""
     if not endpoint:
         raise ClusterError(f"node {node} has no data endpoint")

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,30 @@ def logs_dir() -> str:
     path = os.path.join(base_dir(), "logs")
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+def free_port_block(host: str = "127.0.0.1", n: int = 4) -> int:
+    """A base port with ``n`` consecutive ports free on ``host`` (a tcp cluster binds its
+    rpc, tlb, nodes and log endpoints on consecutive ports)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind((host, base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError(f"no block of {n} free ports on {host}")
 
 
 def new_cluster_id() -> str:

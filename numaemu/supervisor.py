@@ -15,6 +15,10 @@ Lifecycle (like Mininet's build / start / stop):
 
 ``numaemu up`` runs this in the foreground; ``Cluster()`` and
 ``numaemu up --detach`` run it as ``python -m numaemu.supervisor``.
+
+With ``--launcher ray`` (``numaemu up --ray``, ``Cluster(launcher="ray")``) step 2
+starts Ray actors instead of forking, and each actor owns one of the processes
+on its Ray node (numaemu/raylaunch.py); the rest of the lifecycle is the same.
 """
 
 from __future__ import annotations
@@ -83,9 +87,23 @@ def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
 
 def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | None = None,
               watch_stdin: bool = False, ready_out=None, stderr_logs: bool = True,
-              inject_delays: float | None = None) -> int:
-    """Run a cluster until told to stop; return the exit status."""
+              inject_delays: float | None = None, launcher: str = "local",
+              ray_address: str | None = None) -> int:
+    """Run a cluster until told to stop; return the exit status.
+
+    ``launcher="local"`` forks the coordinator and the nodes here; ``"ray"`` makes this
+    process a Ray driver whose actors own them, on the Ray cluster's hosts
+    (numaemu/raylaunch.py); a Ray cluster is always served on tcp, with CURVE keys."""
     sweep_leftovers()
+    if launcher == "ray":
+        try:
+            from . import raylaunch
+
+            raylaunch.init(ray_address)
+            listen = listen or raylaunch.default_listen()
+        except Exception as exc:
+            _announce(ready_out, {"error": str(exc)})
+            return 1
     run = RunDir.create(listen)
     setup_logging(log_level, run.log_path, stderr=stderr_logs)
     endpoints = run.endpoints()
@@ -99,49 +117,49 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    ctx = multiprocessing.get_context("fork")
-    procs: dict[str, multiprocessing.Process] = {}
+    procs: dict = {}
     collector = None
+    placement = None
     status = 0
     try:
-        procs["coordinator"] = ctx.Process(
-            target=_coordinator_main, name="numaemu-coordinator",
-            args=(topology.to_dict(), run.cluster_id, endpoints, os.getpid(), inject_delays,
-                  keys_dir))
-        procs["coordinator"].start()
-        for node in topology.nodes:
-            procs[f"node{node}"] = ctx.Process(
-                target=_node_main, name=f"numaemu-node{node}",
-                args=(node, endpoints["nodes"], run.cluster_id,
-                      topology.frames_per_node[node], topology.page_size,
-                      run.node_data_endpoint(node), keys_dir))
-            procs[f"node{node}"].start()
-        # Only now may this process create zmq sockets and threads.
-        collector = numaemu_log.Collector(endpoints["log"], keys)
-        collector.start_and_wait()
+        if launcher == "ray":
+            collector = numaemu_log.Collector(endpoints["log"], keys)
+            collector.start_and_wait()
+            placement = _start_on_ray(topology, run, endpoints, inject_delays, keys_dir, procs)
+        else:
+            _fork(topology, run, endpoints, inject_delays, keys_dir, procs)
+            # Only now may this process create zmq sockets and threads.
+            collector = numaemu_log.Collector(endpoints["log"], keys)
+            collector.start_and_wait()
+        local = launcher == "local"  # Ray owns its processes: no pids for the sweep to kill
         run.write_state(supervisor_pid=os.getpid(), address=endpoints["rpc"], keys=keys_dir,
-                        pids=[p.pid for p in procs.values()],
-                        starts=[start_time(p.pid) for p in procs.values()], log=run.log_path)
+                        pids=[p.pid for p in procs.values()] if local else [],
+                        starts=[start_time(p.pid) for p in procs.values()] if local else [],
+                        log=run.log_path, launcher=launcher)
         _wait_ready(endpoints["rpc"], topology.num_nodes, procs, stop_reason, keys_dir)
         if stop_reason:
             return 1
         ready = {"address": endpoints["rpc"], "cluster_id": run.cluster_id,
                  "run_dir": run.path, "log": run.log_path, "supervisor_pid": os.getpid(),
-                 "keys": keys_dir}
+                 "keys": keys_dir, "launcher": launcher}
+        if launcher == "ray":
+            from . import raylaunch
+
+            ready["ray"] = {"address": raylaunch.gcs_address(),
+                            "coordinator": procs["coordinator"].where,
+                            "nodes": {str(n): procs[f"node{n}"].where for n in topology.nodes}}
         log.info("cluster %s up: %d nodes, address %s", run.cluster_id, topology.num_nodes,
                  endpoints["rpc"])
-        if ready_out is not None:
-            ready_out.write(json.dumps(ready) + "\n")
-            ready_out.flush()
+        _announce(ready_out, ready)
         status = _run_until_stopped(procs, stop_reason, watch_stdin)
     except Exception as exc:
         log.error("cluster failed: %s", exc)
-        if ready_out is not None:
-            ready_out.write(json.dumps({"error": str(exc)}) + "\n")
-            ready_out.flush()
+        _announce(ready_out, {"error": str(exc)})
         status = 1
     finally:
-        _stop(procs, endpoints)
+        _stop(procs)
+        if launcher == "ray":
+            _release_ray(procs, placement, run.cluster_id)
         if collector is not None:
             collector.stop()
         _remove_segments(run.cluster_id)
@@ -149,6 +167,74 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
         log.info("cluster %s stopped", run.cluster_id)
         logging.shutdown()
     return status
+
+
+def _announce(ready_out, message: dict) -> None:
+    """The one line the launcher waits for: the cluster's address, or why it failed."""
+    if ready_out is not None:
+        ready_out.write(json.dumps(message) + "\n")
+        ready_out.flush()
+
+
+def _fork(topology: Topology, run: RunDir, endpoints: dict, inject: float | None,
+          keys_dir: str | None, procs: dict) -> None:
+    """Fork the coordinator and one process per node (``launcher="local"``)."""
+    ctx = multiprocessing.get_context("fork")
+    procs["coordinator"] = ctx.Process(
+        target=_coordinator_main, name="numaemu-coordinator",
+        args=(topology.to_dict(), run.cluster_id, endpoints, os.getpid(), inject, keys_dir))
+    procs["coordinator"].start()
+    for node in topology.nodes:
+        procs[f"node{node}"] = ctx.Process(
+            target=_node_main, name=f"numaemu-node{node}",
+            args=(node, endpoints["nodes"], run.cluster_id, topology.frames_per_node[node],
+                  topology.page_size, run.node_data_endpoint(node), keys_dir))
+        procs[f"node{node}"].start()
+
+
+def _start_on_ray(topology: Topology, run: RunDir, endpoints: dict, inject: float | None,
+                  keys_dir: str, procs: dict):
+    """Start the coordinator next to this process and the nodes where the placement says,
+    each owned by a Ray actor (``launcher="ray"``); the nodes' placement group."""
+    from . import raylaunch
+
+    server_keys = Keys.load(keys_dir)
+    cid = run.cluster_id
+    procs["coordinator"] = raylaunch.ActorProcess(
+        f"{cid}-coordinator", "coordinator",
+        {"topology": topology.to_dict(), "cluster_id": run.cluster_id, "endpoints": endpoints,
+         "supervisor_pid": os.getpid(), "inject": inject},
+        server_keys, raylaunch.here_strategy())
+    procs["coordinator"].start()
+    memory = [f * topology.page_size for f in topology.frames_per_node]
+    strategies, group = raylaunch.node_strategies(topology, memory)
+    try:
+        for node in topology.nodes:  # all started at once, then waited for
+            procs[f"node{node}"] = raylaunch.ActorProcess(
+                f"{cid}-node{node}", "node",
+                {"node": node, "coordinator": endpoints["rpc"], "cluster_id": cid},
+                server_keys, strategies[node], memory[node])
+            procs[f"node{node}"].launch()
+        for node in topology.nodes:
+            procs[f"node{node}"].started()
+    except BaseException:
+        if group is not None:
+            _release_ray({}, group, run.cluster_id)
+        raise
+    return group
+
+
+def _release_ray(procs: dict, group, cluster_id: str) -> None:
+    """Clean up on every actor's host, kill the actors, remove the placement group."""
+    from . import raylaunch
+
+    ray = raylaunch.require_ray()
+    for name, p in procs.items():
+        removed = p.release(cluster_id)
+        if removed:
+            log.warning("removed segment(s) %s left by %s", ", ".join(removed), name)
+    if group is not None:
+        ray.util.remove_placement_group(group)
 
 
 def _wait_ready(address: str, num_nodes: int, procs: dict, stop_reason: list,
@@ -172,6 +258,7 @@ def _wait_ready(address: str, num_nodes: int, procs: dict, stop_reason: list,
 
 def _run_until_stopped(procs: dict, stop_reason: list, watch_stdin: bool) -> int:
     coordinator = procs["coordinator"]
+    reported: set[str] = set()
     while not stop_reason:
         if watch_stdin:
             readable, _, _ = select.select([sys.stdin], [], [], 0.2)
@@ -185,14 +272,18 @@ def _run_until_stopped(procs: dict, stop_reason: list, watch_stdin: bool) -> int
                       "heartbeats stop", coordinator.exitcode)
             _wait_all([p for n, p in procs.items() if n != "coordinator"], ORPHAN_GRACE)
             return 1
+        for name, p in procs.items():
+            if name not in reported and not p.is_alive():
+                reported.add(name)  # the coordinator takes the node offline (its heartbeat)
+                log.error("%s exited (exit code %s)", name, p.exitcode)
     log.info("stopping: %s", stop_reason[0])
     return 0
 
 
-def _stop(procs: dict, endpoints: dict) -> None:
+def _stop(procs: dict) -> None:
     coordinator = procs.get("coordinator")
     if coordinator is not None and coordinator.is_alive():
-        os.kill(coordinator.pid, signal.SIGTERM)  # it writes back and tells the nodes to exit
+        coordinator.terminate()  # SIGTERM: it writes back and tells the nodes to exit
     _wait_all(list(procs.values()), STOP_TIMEOUT)
     for name, p in procs.items():
         if p.is_alive():
@@ -227,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch-stdin", action="store_true")
     parser.add_argument("--no-stderr", action="store_true")
     parser.add_argument("--inject-delays", type=float, default=None)
+    parser.add_argument("--launcher", choices=("local", "ray"), default="local")
+    parser.add_argument("--ray-address", default=None)
     args = parser.parse_args(argv)
     topology = Topology.from_dict(json.loads(args.topology))
     ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -235,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(devnull, sys.stdout.fileno())
     return supervise(topology, log_level=args.log_level, listen=args.listen,
                      watch_stdin=args.watch_stdin, ready_out=ready_out,
-                     stderr_logs=not args.no_stderr, inject_delays=args.inject_delays)
+                     stderr_logs=not args.no_stderr, inject_delays=args.inject_delays,
+                     launcher=args.launcher, ray_address=args.ray_address)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from . import argcheck, arrayops
 from . import protocol as P
 from .constants import MAX_REQUEST_PAGES, TASK_SIZE, MoveFlag
 from .errors import ClusterError, NumaError
+from .keys import Keys
 from .latency import MIGRATION_WAIT_NS, LatencyModel, Pacer
 from .profile import profile_array
 from .topology import Topology
@@ -182,7 +183,7 @@ class Task:
 
     def __init__(self, address: str, *, cpu: int | None = None, privileged: bool = False,
                  command: str | None = None, uid: int | None = None,
-                 inject: float | None | bool = True, keys: str | None = None,
+                 inject: float | None | bool = True, keys: str | Keys | None = None,
                  cpuset: str | None = None, data_path: str | None = None) -> None:
         from .remote import data_path_setting
 

@@ -40,6 +40,7 @@ _KEYS = (
     "interleave_weights",
     "latency_ns",
     "bandwidth_gbps",
+    "placement",
 )
 
 
@@ -98,6 +99,7 @@ class Topology:
         "_weights",
         "_latency",
         "_bandwidth",
+        "_placement",
     )
 
     def __init__(
@@ -111,6 +113,7 @@ class Topology:
         interleave_weights: Sequence[int] | None = None,
         latency_ns: Sequence[Sequence[float]] | None = None,
         bandwidth_gbps: Sequence[Sequence[float]] | None = None,
+        placement: Sequence[str] | None = None,
     ) -> None:
         dist = self._check_distances(distances)
         n = len(dist)
@@ -149,8 +152,23 @@ class Topology:
         set_(self, "_weights", weights)
         set_(self, "_latency", latency)
         set_(self, "_bandwidth", bandwidth)
+        set_(self, "_placement", self._check_placement(placement, n))
 
     # -- validation -----------------------------------------------------------------
+
+    @staticmethod
+    def _check_placement(placement: object, n: int) -> tuple[str, ...] | None:
+        if placement is None:
+            return None
+        if isinstance(placement, (str, bytes)) or not isinstance(placement, Iterable):
+            raise TopologyError("placement must be a list of host selectors, one per node")
+        entries = list(placement)
+        if len(entries) != n:
+            raise TopologyError(f"placement has {len(entries)} entries for {n} nodes")
+        for node, where in enumerate(entries):
+            if not isinstance(where, str):
+                raise TopologyError(f"placement of node {node} is not a string: {where!r}")
+        return tuple(entries)
 
     @staticmethod
     def _check_distances(distances: object) -> tuple[tuple[int, ...], ...]:
@@ -247,6 +265,7 @@ class Topology:
             self._weights,
             self._latency,
             self._bandwidth,
+            self._placement,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -273,6 +292,8 @@ class Topology:
             parts.append(f"latency_ns={[list(r) for r in self._latency]}")
         if self._bandwidth is not None:
             parts.append(f"bandwidth_gbps={[list(r) for r in self._bandwidth]}")
+        if self._placement is not None:
+            parts.append(f"placement={list(self._placement)}")
         return f"Topology({', '.join(parts)})"
 
     # -- queries --------------------------------------------------------------------
@@ -322,6 +343,13 @@ class Topology:
     def bandwidth_gbps(self) -> tuple[tuple[float, ...], ...] | None:
         """Explicit bandwidth matrix in GB/s, if one was given."""
         return self._bandwidth
+
+    @property
+    def placement(self) -> tuple[str, ...] | None:
+        """Where each node's process runs under the Ray launcher (``numaemu/raylaunch.py``):
+        per node a Ray node id (or a unique prefix of one), a host address, or a
+        ``key=value`` node label; ``""`` leaves that node to the placement group."""
+        return self._placement
 
     @property
     def cpus(self) -> tuple[int, ...]:
@@ -429,6 +457,8 @@ class Topology:
             d["latency_ns"] = [list(r) for r in self._latency]
         if self._bandwidth is not None:
             d["bandwidth_gbps"] = [list(r) for r in self._bandwidth]
+        if self._placement is not None:
+            d["placement"] = list(self._placement)
         return d
 
     @classmethod

@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .errors import ClusterError, NumaError
+from .keys import Keys
 from .keys import find as find_keys
 
 #: How long to wait for a first connection to the coordinator.
@@ -51,7 +52,7 @@ class Connection:
     """A DEALER connected to one ROUTER endpoint, with disconnect detection."""
 
     def __init__(self, address: str, *, connect_timeout: float = CONNECT_TIMEOUT,
-                 keys: str | None = None, peer: str = "the coordinator") -> None:
+                 keys: str | Keys | None = None, peer: str = "the coordinator") -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ClusterError(f"not a cluster address: {address!r} (expected ipc://... or "
                                "tcp://...)")

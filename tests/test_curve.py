@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import zmq
 from conftest import cluster_is_gone, small_topology
-from test_remote import free_port_block
 
 import numaemu
 from numaemu import protocol as P
 from numaemu.cli import main as cli_main
 from numaemu.keys import KEYS_ENV, Keys
+from numaemu.rundir import free_port_block
 from numaemu.transport import Connection
 
 FRAMES = 256

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,29 +13,7 @@ from test_lifecycle import wait_until
 
 import numaemu
 from nodes.segment import cluster_segments
-
-
-def free_port_block(n: int = 4) -> int:
-    """A base port with ``n`` consecutive free ports."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            socks = []
-            for i in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port block")
+from numaemu.rundir import free_port_block
 
 
 def test_a_cluster_served_over_tcp_works_end_to_end():
