@@ -11,6 +11,7 @@ dead node; teardown leaves no actor, no process and no segment.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -195,3 +196,23 @@ def test_without_ray_the_launcher_says_how_to_install_it(monkeypatch, capsys):
         numaemu.Cluster(launcher="ray")
     assert cli_main(["up", "--ray"]) == 1
     assert "pip install -e '.[ray]'" in capsys.readouterr().err
+
+
+def test_up_ray_detached_then_down_leaves_nothing_in_the_ray_cluster(ray_nodes):
+    from test_cli import numaemu as cli
+
+    up = cli("up", "--ray", ray_nodes["address"], "--detach", "--nodes", "3",
+             "--frames-per-node", "256", timeout=120)
+    assert up.returncode == 0, up.stderr
+    address = up.stdout.strip()
+    keys = up.stderr.split("export NUMAEMU_KEYS=")[1].split()[0]
+    env = dict(os.environ, NUMAEMU_ADDRESS=address, NUMAEMU_KEYS=keys)
+    with Connection(address, keys=keys) as conn:
+        cid = conn.call("info")["cluster_id"]
+    assert len(_actors_of(cid)) == 4
+    hardware = cli("hardware", env=env)
+    assert hardware.returncode == 0 and "available: 3 nodes (0-2)" in hardware.stdout
+    down = cli("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert cluster_is_gone(cid)
+    assert wait_until(lambda: not _actors_of(cid), 10)
