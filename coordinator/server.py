@@ -53,6 +53,11 @@ REAP_INTERVAL = 1.0
 #: Largest message each endpoint accepts (a request carries at most 65536 pages: 512 KiB of
 #: page numbers); the nodes endpoint carries frame contents: ``P.max_frame_message``.
 MAX_MESSAGE = {"rpc": 8 << 20, "tlb": 1 << 20}
+#: How many unread messages one client connection may queue here (ZMQ_RCVHWM is per peer on
+#: a ROUTER): past it libzmq stops reading that connection (tcp backpressure, nothing is
+#: dropped), so one peer holds at most MAX_MESSAGE x MAX_QUEUED bytes of our memory.  A
+#: client has one request in flight at a time, a few when it pipelines.
+MAX_QUEUED = {"rpc": 64, "tlb": 64}
 #: Period of the loop-stall monitor.
 STALL_TICK = 0.01
 #: The flusher writes dirty file pages back this often (and sooner when woken).
@@ -120,6 +125,8 @@ class Coordinator:
                 # peer makes the loop unpack megabytes (or exhausts our memory).
                 limit = MAX_MESSAGE.get(name) or P.max_frame_message(topology_page_size)
                 sock.setsockopt(zmq.MAXMSGSIZE, limit)
+                if name in MAX_QUEUED:
+                    sock.setsockopt(zmq.RCVHWM, MAX_QUEUED[name])
                 sock.bind(self.endpoints[name])
                 socks[name] = sock
             log.info("coordinator listening on %s", self.endpoints["rpc"])

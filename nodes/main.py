@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 from numaemu import log as numaemu_log
 from numaemu.keys import KEYS_ENV, Keys
@@ -20,16 +21,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coordinator", required=True, help="the cluster's address")
     parser.add_argument("--node", type=int, required=True)
     parser.add_argument("--data-endpoint", default=None,
-                        help="where this node serves frame reads/writes "
-                        "(default: tcp, any free port)")
+                        help="where this node serves frame reads/writes (default: tcp, any "
+                        "free port on the address this host reaches the coordinator from)")
     parser.add_argument("--keys", default=os.environ.get(KEYS_ENV),
                         help="a tcp cluster's key directory, with the cluster's secret key "
                         "(a node serves its data endpoint as the cluster)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    join(args.coordinator, args.node, args.data_endpoint or "tcp://*:*", args.keys,
-         args.log_level)
+    join(args.coordinator, args.node, args.data_endpoint or default_data_endpoint(
+        args.coordinator), args.keys, args.log_level)
     return 0
+
+
+def default_data_endpoint(coordinator: str) -> str:
+    """A tcp endpoint on this host's address towards the coordinator (the interface its
+    route to the coordinator leaves from), any free port: an address the cluster's other
+    hosts can reach, where ``tcp://*`` would advertise ``0.0.0.0``."""
+    host = "127.0.0.1"
+    if coordinator.startswith("tcp://"):
+        target, port = coordinator.removeprefix("tcp://").rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target.strip("[]"), int(port)))  # no packet is sent
+                host = s.getsockname()[0]
+            except OSError:
+                pass
+    return f"tcp://{host}:*"
 
 
 def join(coordinator: str, node: int, data_endpoint: str, keys: str | Keys | None,

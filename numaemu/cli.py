@@ -79,6 +79,12 @@ def _call(args, op: str, **fields) -> dict:
 
 def cmd_up(args) -> int:
     topology = _topology_from_args(args)
+    stray = [n for n in args.external_nodes if n >= topology.num_nodes]
+    if stray:
+        raise ClusterError(f"--external-nodes: the machine has no node {stray[0]} "
+                           f"(nodes 0-{topology.num_nodes - 1})")
+    if args.ray is not None and args.external_nodes:
+        raise ClusterError("--external-nodes and --ray do not mix: Ray starts every node")
     if args.ray is not None:
         from .raylaunch import require_ray
 
@@ -90,7 +96,9 @@ def cmd_up(args) -> int:
     class _Announce:
         def write(self, line: str) -> None:
             ready = json.loads(line)
-            if "address" in ready:
+            if "waiting" in ready:
+                print(_join_instructions(ready), flush=True)
+            elif "address" in ready:
                 print(f"numaemu cluster {ready['cluster_id']} up: {topology.num_nodes} nodes")
                 print(f"address: {ready['address']}")
                 print(f"log:     {ready['log']}")
@@ -111,7 +119,20 @@ def cmd_up(args) -> int:
     return supervise(topology, log_level=args.log_level, listen=args.listen,
                      ready_out=_Announce(), inject_delays=args.inject_delays,
                      launcher="local" if args.ray is None else "ray",
-                     ray_address=args.ray or None)
+                     ray_address=args.ray or None, external_nodes=args.external_nodes)
+
+
+def _join_instructions(waiting: dict) -> str:
+    """What to run where, for the nodes a cluster waits for (``up --external-nodes``)."""
+    keys = f" --keys {waiting['keys']}" if waiting.get("keys") else ""
+    lines = [f"numaemu cluster {waiting['cluster_id']} waits for node(s) "
+             f"{', '.join(map(str, waiting['waiting']))} to join; on their hosts run:"]
+    lines += [f"  numaemu --address {waiting['address']}{keys} node --node {n}"
+              for n in waiting["waiting"]]
+    if keys:
+        lines.append(f"(copy {waiting['keys']} to those hosts first, kept private: it holds "
+                     "the cluster's secret key)")
+    return "\n".join(lines)
 
 
 def _by_int(item: tuple) -> int:
@@ -129,6 +150,8 @@ def _up_detached(args, topology: Topology) -> int:
         cmd += ["--inject-delays", str(args.inject_delays)]
     if args.ray is not None:
         cmd += ["--launcher", "ray"] + (["--ray-address", args.ray] if args.ray else [])
+    if args.external_nodes:
+        cmd += ["--external-nodes", ",".join(map(str, args.external_nodes))]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     line = proc.stdout.readline()
@@ -140,6 +163,8 @@ def _up_detached(args, topology: Topology) -> int:
     if "error" in ready:
         print(f"numaemu up: {ready['error']}", file=sys.stderr)
         return 1
+    if "waiting" in ready:
+        print(_join_instructions(ready), file=sys.stderr)
     print(ready["address"])
     if ready.get("keys"):  # stdout stays the address alone, for $(numaemu up --detach)
         print(f"keys: {ready['keys']}; export {KEYS_ENV}={ready['keys']}", file=sys.stderr)
@@ -426,6 +451,17 @@ def _positive(kind: type):
     return parse
 
 
+def _node_list(text: str) -> list[int]:
+    """An argparse type: comma-separated node ids."""
+    try:
+        nodes = sorted({int(n) for n in text.split(",") if n.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of node ids: {text}") from None
+    if any(n < 0 for n in nodes):
+        raise argparse.ArgumentTypeError(f"node ids are not negative: {text}")
+    return nodes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numaemu", description="An emulated NUMA machine "
                                      "made of real processes.")
@@ -449,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "node data ports) instead of ipc")
     p.add_argument("--inject-delays", type=float, metavar="DILATION", default=None,
                    help="tasks busy-wait each access's modeled latency x DILATION")
+    p.add_argument("--external-nodes", type=_node_list, default=[], metavar="LIST",
+                   help="nodes that join from other hosts (numaemu node), e.g. 2,3: the "
+                   "cluster waits for them; use with --listen")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="place the coordinator and nodes on a Ray cluster (default: "
                    "$RAY_ADDRESS or the one on this host); needs pip install -e '.[ray]'")

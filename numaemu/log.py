@@ -24,6 +24,8 @@ import threading
 import msgpack
 import zmq
 
+#: The largest log record the collector takes (ZMQ_MAXMSGSIZE).
+MAX_RECORD = 256 << 10
 FORMAT = "%(asctime)s %(levelname)-7s [%(where)s pid %(process)d] %(name)s: %(message)s"
 ROOT = "numaemu"
 
@@ -148,6 +150,9 @@ class Collector(threading.Thread):
         auth = None
         sock = context().socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
+        # A record is a few hundred bytes (a traceback a few KiB): a bigger message drops
+        # its sender's connection unread, so no peer can make the collector buffer megabytes.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_RECORD)
         if self.keys is not None:
             auth = self.keys.authenticator(context())
             self.keys.server(sock)

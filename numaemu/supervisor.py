@@ -32,6 +32,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 from . import log as numaemu_log
 from .keys import Keys
@@ -88,12 +89,16 @@ def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
 def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | None = None,
               watch_stdin: bool = False, ready_out=None, stderr_logs: bool = True,
               inject_delays: float | None = None, launcher: str = "local",
-              ray_address: str | None = None) -> int:
+              ray_address: str | None = None, external_nodes: Sequence[int] = ()) -> int:
     """Run a cluster until told to stop; return the exit status.
 
-    ``launcher="local"`` forks the coordinator and the nodes here; ``"ray"`` makes this
-    process a Ray driver whose actors own them, on the Ray cluster's hosts
-    (numaemu/raylaunch.py); a Ray cluster is always served on tcp, with CURVE keys."""
+    ``launcher="local"`` forks the coordinator and the nodes here, except
+    ``external_nodes``, which join by themselves (``numaemu node`` on other hosts: a line
+    ``{"waiting": [...], "address": ...}`` tells the launcher how to reach the cluster
+    meanwhile, and the wait has no deadline); ``"ray"`` makes this process a Ray driver
+    whose actors own them, on the Ray cluster's hosts (numaemu/raylaunch.py).  A Ray
+    cluster is always served on tcp, with CURVE keys."""
+    external = sorted(set(external_nodes))
     sweep_leftovers()
     if launcher == "ray":
         try:
@@ -127,7 +132,7 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
             collector.start_and_wait()
             placement = _start_on_ray(topology, run, endpoints, inject_delays, keys_dir, procs)
         else:
-            _fork(topology, run, endpoints, inject_delays, keys_dir, procs)
+            _fork(topology, run, endpoints, inject_delays, keys_dir, procs, external)
             # Only now may this process create zmq sockets and threads.
             collector = numaemu_log.Collector(endpoints["log"], keys)
             collector.start_and_wait()
@@ -136,7 +141,12 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
                         pids=[p.pid for p in procs.values()] if local else [],
                         starts=[start_time(p.pid) for p in procs.values()] if local else [],
                         log=run.log_path, launcher=launcher)
-        _wait_ready(endpoints["rpc"], topology.num_nodes, procs, stop_reason, keys_dir)
+        if external:
+            _announce(ready_out, {"waiting": external, "address": endpoints["rpc"],
+                                  "cluster_id": run.cluster_id, "keys": keys_dir,
+                                  "log": run.log_path})
+        _wait_ready(endpoints["rpc"], topology.num_nodes, procs, stop_reason, keys_dir,
+                    deadline=not external)
         if stop_reason:
             return 1
         ready = {"address": endpoints["rpc"], "cluster_id": run.cluster_id,
@@ -170,21 +180,30 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
 
 
 def _announce(ready_out, message: dict) -> None:
-    """The one line the launcher waits for: the cluster's address, or why it failed."""
-    if ready_out is not None:
+    """A line for the launcher: the cluster's address, the nodes it waits for, or why it
+    failed.  A launcher that stopped listening (``up --detach`` reads only the first line)
+    does not stop the cluster."""
+    if ready_out is None:
+        return
+    try:
         ready_out.write(json.dumps(message) + "\n")
         ready_out.flush()
+    except OSError:
+        pass
 
 
 def _fork(topology: Topology, run: RunDir, endpoints: dict, inject: float | None,
-          keys_dir: str | None, procs: dict) -> None:
-    """Fork the coordinator and one process per node (``launcher="local"``)."""
+          keys_dir: str | None, procs: dict, external: Sequence[int] = ()) -> None:
+    """Fork the coordinator and one process per node but the ``external`` ones
+    (``launcher="local"``)."""
     ctx = multiprocessing.get_context("fork")
     procs["coordinator"] = ctx.Process(
         target=_coordinator_main, name="numaemu-coordinator",
         args=(topology.to_dict(), run.cluster_id, endpoints, os.getpid(), inject, keys_dir))
     procs["coordinator"].start()
     for node in topology.nodes:
+        if node in external:
+            continue
         procs[f"node{node}"] = ctx.Process(
             target=_node_main, name=f"numaemu-node{node}",
             args=(node, endpoints["nodes"], run.cluster_id, topology.frames_per_node[node],
@@ -238,10 +257,10 @@ def _release_ray(procs: dict, group, cluster_id: str) -> None:
 
 
 def _wait_ready(address: str, num_nodes: int, procs: dict, stop_reason: list,
-                keys: str | None) -> None:
+                keys: str | None, *, deadline: bool = True) -> None:
     from .transport import Connection
 
-    deadline = time.monotonic() + READY_TIMEOUT
+    give_up = time.monotonic() + READY_TIMEOUT if deadline else float("inf")
     with Connection(address, connect_timeout=READY_TIMEOUT, keys=keys) as conn:
         while not stop_reason:
             dead = [name for name, p in procs.items() if not p.is_alive()]
@@ -250,10 +269,10 @@ def _wait_ready(address: str, num_nodes: int, procs: dict, stop_reason: list,
             info = conn.call("info", timeout=READY_TIMEOUT)
             if len(info["segments"]) == num_nodes:
                 return
-            if time.monotonic() > deadline:
+            if time.monotonic() > give_up:
                 raise RuntimeError(f"only {len(info['segments'])} of {num_nodes} nodes "
                                    f"registered in {READY_TIMEOUT} s")
-            time.sleep(0.02)
+            time.sleep(0.02 if deadline else 0.2)
 
 
 def _run_until_stopped(procs: dict, stop_reason: list, watch_stdin: bool) -> int:
@@ -320,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inject-delays", type=float, default=None)
     parser.add_argument("--launcher", choices=("local", "ray"), default="local")
     parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--external-nodes", default="", help="comma-separated node ids")
     args = parser.parse_args(argv)
     topology = Topology.from_dict(json.loads(args.topology))
     ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -329,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     return supervise(topology, log_level=args.log_level, listen=args.listen,
                      watch_stdin=args.watch_stdin, ready_out=ready_out,
                      stderr_logs=not args.no_stderr, inject_delays=args.inject_delays,
-                     launcher=args.launcher, ray_address=args.ray_address)
+                     launcher=args.launcher, ray_address=args.ray_address,
+                     external_nodes=[int(n) for n in args.external_nodes.split(",") if n])
 
 
 if __name__ == "__main__":

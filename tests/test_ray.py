@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,16 @@ def _write_move_read(task, me: int, moves: list[list[int]]):
     return statuses, exact, _ray_node(task), task.stats()["data_requests"]
 
 
+def _linger(task, seconds: float) -> int:
+    m = task.mmap(4 * PS)
+    task.write(m.addr, b"l" * (4 * PS))
+    end, reads = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        task.read(m.addr, 4 * PS)
+        reads += 1
+    return reads
+
+
 def test_each_node_runs_on_its_own_ray_node(rcluster, ray_nodes):
     placed = [rcluster.ray["nodes"][str(n)]["node_id"] for n in range(3)]
     assert sorted(placed) == sorted(ray_nodes["ids"])  # STRICT_SPREAD: one per Ray node
@@ -153,6 +164,40 @@ def test_a_peer_without_the_cluster_keys_is_refused(rcluster, tmp_path, monkeypa
         assert exchange(seg["data_endpoint"], read, Keys.load(rcluster.keys))["ok"]
     assert owner.read(m.addr, 10) == b"ray secret"
     owner.close()
+
+
+def test_a_killed_client_actor_is_a_dead_client(rcluster):
+    handle = rcluster.spawn(_linger, 60.0, cpu=2)
+    pid = handle.pid
+
+    def attached() -> set:
+        with Connection(rcluster.address, keys=rcluster.keys) as conn:
+            return {t["pid"] for t in conn.call("tasks")["tasks"]}
+
+    assert pid in attached()
+    handle.kill()
+    with pytest.raises(numaemu.ClusterError, match="actor died"):
+        handle.join(10)
+    assert wait_until(lambda: pid not in attached(), 15, step=0.2)  # reaped
+    assert rcluster.check() == []
+
+
+def test_a_killed_coordinator_actor_stops_the_cluster(ray_nodes):
+    import ray
+
+    c = numaemu.Cluster(numaemu.Topology.symmetric(nodes=2, frames_per_node=256),
+                        launcher="ray", ray_address=ray_nodes["address"])
+    cid = c.cluster_id
+    try:
+        task = c.attach(cpu=0)
+        ray.kill(ray.get_actor(f"{cid}-coordinator", namespace=NAMESPACE))
+        assert wait_until(lambda: c._proc.poll() is not None, 30, step=0.2)
+        with pytest.raises(numaemu.ClusterError):
+            task.mmap(PS)
+    finally:
+        c.stop()
+    assert cluster_is_gone(cid)
+    assert wait_until(lambda: not _actors_of(cid), 10)
 
 
 def test_a_killed_node_actor_is_a_dead_node_and_teardown_leaves_nothing(ray_nodes):

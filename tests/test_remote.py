@@ -72,3 +72,45 @@ def test_nodes_started_by_hand_join_a_standalone_coordinator(tmp_path):
                 p.wait()
         for seg in cluster_segments(ready["cluster_id"]):
             os.unlink(seg)
+
+
+def test_up_waits_for_external_nodes_that_join_by_hand(tmp_path):
+    from test_cli import numaemu as cli
+
+    port = free_port_block()
+    up = cli("up", "--detach", "--listen", f"tcp://127.0.0.1:{port}", "--nodes", "2",
+             "--frames-per-node", "128", "--external-nodes", "1")
+    assert up.returncode == 0, up.stderr
+    address = up.stdout.strip()
+    assert "waits for node(s) 1 to join" in up.stderr
+    join = next(line.strip() for line in up.stderr.splitlines() if "node --node 1" in line)
+    keys = join.split("--keys ")[1].split()[0]
+    env = dict(os.environ, NUMAEMU_ADDRESS=address, NUMAEMU_KEYS=keys)
+    with numaemu.transport.Connection(address, keys=keys) as conn:
+        info = conn.call("info")
+    cid = info["cluster_id"]
+    assert [s["node"] for s in info["segments"]] == [0]  # node 1 is not started here
+    node = subprocess.Popen([sys.executable, "-m", "numaemu", *join.split()[1:]], env=env)
+    try:
+        def joined():
+            with numaemu.transport.Connection(address, keys=keys) as conn:
+                info.update(conn.call("info"))
+            return len(info["segments"]) == 2
+
+        assert wait_until(joined, 30, step=0.2)
+        data = {s["node"]: s["data_endpoint"] for s in info["segments"]}
+        assert data[1].startswith("tcp://127.0.0.1:")  # reachable, not 0.0.0.0
+        task = numaemu.attach(address, cpu=0, keys=keys, data_path="remote")
+        m = task.mmap(2 * 4096)
+        task.write(m.addr, b"joined by hand" * 500)
+        assert task.move_pages(m.pages, [1, 1]) == [1, 1]
+        assert task.read(m.addr, 14 * 500) == b"joined by hand" * 500
+        task.close()
+        down = cli("down", env=env)
+        assert down.returncode == 0, down.stderr
+        assert node.wait(15) == 0  # the coordinator told it to exit
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    assert cluster_is_gone(cid)
