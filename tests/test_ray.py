@@ -261,3 +261,22 @@ def test_up_ray_detached_then_down_leaves_nothing_in_the_ray_cluster(ray_nodes):
     assert down.returncode == 0, down.stderr
     assert cluster_is_gone(cid)
     assert wait_until(lambda: not _actors_of(cid), 10)
+
+
+def test_a_vanished_ray_cluster_ends_the_supervisor_and_leaves_nothing(ray_nodes):
+    from ray.cluster_utils import Cluster as RayCluster
+
+    doomed = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        c = numaemu.Cluster(numaemu.Topology.symmetric(nodes=2, frames_per_node=256),
+                            launcher="ray", ray_address=doomed.address)
+    except BaseException:
+        doomed.shutdown()
+        raise
+    supervisor = c._proc
+    doomed.shutdown()  # every Ray process of it: actors, workers, raylet, GCS
+    try:
+        assert wait_until(lambda: supervisor.poll() is not None, 30, step=0.2)
+    finally:
+        c.stop()
+    assert cluster_is_gone(c.cluster_id)
