@@ -163,8 +163,17 @@ class ClientHost:
         self.task = Task(address, keys=keys, **options)
         return self.task.pid, os.getpid()
 
-    def run(self, fn, args: tuple) -> Any:
+    def run(self, call: bytes, paths: list[str]) -> Any:
+        """Run the pickled ``(fn, args)``, after adding the spawner's import ``paths`` that
+        exist here (so that ``fn``'s module is found; they are appended: never in front of
+        what this interpreter has installed)."""
+        from ray import cloudpickle
+
         try:
+            for path in paths:
+                if path not in sys.path and os.path.isdir(path):
+                    sys.path.append(path)
+            fn, args = cloudpickle.loads(call)
             return fn(self.task, *args)
         finally:
             self.task.close()
@@ -346,7 +355,7 @@ class RayClientHandle:
         if keys_dir is None:
             raise ClusterError("a Ray client reaches the cluster over tcp: the cluster needs "
                                "keys (start it with launcher='ray' or --listen tcp://...)")
-        actor_options: dict[str, Any] = {"num_cpus": 0, "runtime_env": _client_env()}
+        actor_options: dict[str, Any] = {"num_cpus": 0}
         if strategy is not None:
             actor_options["scheduling_strategy"] = strategy
         self.actor = actor_class(ClientHost).options(**actor_options).remote()
@@ -358,7 +367,10 @@ class RayClientHandle:
         except BaseException as exc:
             self._release()
             raise _unwrap(ray, exc, "the client actor did not attach") from None
-        self._ref = self.actor.run.remote(fn, tuple(args))
+        # Pickled here, unpickled by the actor once it has our import paths: a runtime
+        # environment would do the same, but costs a fresh worker process per client.
+        call = ray.cloudpickle.dumps((fn, tuple(args)))
+        self._ref = self.actor.run.remote(call, _import_paths())
 
     def done(self) -> bool:
         """Whether ``fn`` has finished (or its actor died)."""
@@ -409,17 +421,16 @@ def _unwrap(ray, exc: BaseException, what: str) -> BaseException:
     return exc
 
 
-def _client_env() -> dict:
-    """The runtime environment of a client actor: this process's own import paths (those
-    outside the interpreter's), so that ``fn`` unpickles where it runs (the same paths must
-    hold the same code on every host)."""
+def _import_paths() -> list[str]:
+    """This process's own import paths (those outside the interpreter's), for a client actor
+    to unpickle ``fn`` (on other hosts the same paths must hold the same code)."""
     prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
-    paths = []
+    paths: list[str] = []
     for p in sys.path:
         p = os.path.abspath(p or os.getcwd())
         if os.path.isdir(p) and not p.startswith(prefixes) and p not in paths:
             paths.append(p)
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}} if paths else {}
+    return paths
 
 
 # -- the processes the actors start ------------------------------------------------------------
