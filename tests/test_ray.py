@@ -252,18 +252,20 @@ def test_up_ray_detached_then_down_leaves_nothing_in_the_ray_cluster(ray_nodes):
     address = up.stdout.strip()
     keys = up.stderr.split("export NUMAEMU_KEYS=")[1].split()[0]
     env = dict(os.environ, NUMAEMU_ADDRESS=address, NUMAEMU_KEYS=keys)
-    with Connection(address, keys=keys) as conn:
-        cid = conn.call("info")["cluster_id"]
-    assert len(_actors_of(cid)) == 4
-    hardware = cli("hardware", env=env)
-    assert hardware.returncode == 0 and "available: 3 nodes (0-2)" in hardware.stdout
-    # Another process's handle on it spawns clients on its Ray cluster too.
-    handle = numaemu.Cluster.connect(address, keys=keys, ray_address=ray_nodes["address"])
-    statuses, exact, _, requests = handle.spawn(_write_move_read, 7, [[2], [0]],
-                                                cpu=2).join(60)
-    assert statuses == [[2] * 8, [0] * 8] and exact == [True, True]
-    handle.stop()
-    down = cli("down", env=env)
+    try:
+        with Connection(address, keys=keys) as conn:
+            cid = conn.call("info")["cluster_id"]
+        assert len(_actors_of(cid)) == 4
+        hardware = cli("hardware", env=env)
+        assert hardware.returncode == 0 and "available: 3 nodes (0-2)" in hardware.stdout
+        # Another process's handle on it spawns clients on its Ray cluster too.
+        handle = numaemu.Cluster.connect(address, keys=keys, ray_address=ray_nodes["address"])
+        statuses, exact, _, requests = handle.spawn(_write_move_read, 7, [[2], [0]],
+                                                    cpu=2).join(60)
+        assert statuses == [[2] * 8, [0] * 8] and exact == [True, True]
+        handle.stop()
+    finally:
+        down = cli("down", env=env)
     assert down.returncode == 0, down.stderr
     assert cluster_is_gone(cid)
     assert wait_until(lambda: not _actors_of(cid), 10)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from conftest import cluster_is_gone, small_topology
 from test_lifecycle import wait_until
@@ -86,18 +87,20 @@ def test_up_waits_for_external_nodes_that_join_by_hand(tmp_path):
     join = next(line.strip() for line in up.stderr.splitlines() if "node --node 1" in line)
     keys = join.split("--keys ")[1].split()[0]
     env = dict(os.environ, NUMAEMU_ADDRESS=address, NUMAEMU_KEYS=keys)
-    with numaemu.transport.Connection(address, keys=keys) as conn:
-        info = conn.call("info")
-    cid = info["cluster_id"]
-    assert [s["node"] for s in info["segments"]] == [0]  # node 1 is not started here
-    node = subprocess.Popen([sys.executable, "-m", "numaemu", *join.split()[1:]], env=env)
-    try:
-        def joined():
-            with numaemu.transport.Connection(address, keys=keys) as conn:
-                info.update(conn.call("info"))
-            return len(info["segments"]) == 2
+    info: dict = {}
 
-        assert wait_until(joined, 30, step=0.2)
+    def registered() -> list[int]:
+        with numaemu.transport.Connection(address, keys=keys) as conn:
+            info.update(conn.call("info"))
+        return sorted(s["node"] for s in info["segments"])
+
+    node = None
+    try:
+        assert wait_until(lambda: registered() == [0], 30, step=0.1)
+        time.sleep(0.5)
+        assert registered() == [0]  # node 1 is not started here: the cluster waits for it
+        node = subprocess.Popen([sys.executable, "-m", "numaemu", *join.split()[1:]], env=env)
+        assert wait_until(lambda: registered() == [0, 1], 30, step=0.2)
         data = {s["node"]: s["data_endpoint"] for s in info["segments"]}
         assert data[1].startswith("tcp://127.0.0.1:")  # reachable, not 0.0.0.0
         task = numaemu.attach(address, cpu=0, keys=keys, data_path="remote")
@@ -106,11 +109,16 @@ def test_up_waits_for_external_nodes_that_join_by_hand(tmp_path):
         assert task.move_pages(m.pages, [1, 1]) == [1, 1]
         assert task.read(m.addr, 14 * 500) == b"joined by hand" * 500
         task.close()
-        down = cli("down", env=env)
-        assert down.returncode == 0, down.stderr
-        assert node.wait(15) == 0  # the coordinator told it to exit
     finally:
-        if node.poll() is None:
-            node.kill()
-            node.wait()
+        down = cli("down", env=env)
+        if node is not None:
+            try:
+                node.wait(15)  # the coordinator told it to exit
+            finally:
+                if node.poll() is None:
+                    node.kill()
+                    node.wait()
+    assert down.returncode == 0, down.stderr
+    assert node.returncode == 0
+    cid = info["cluster_id"]
     assert cluster_is_gone(cid)
