@@ -14,6 +14,11 @@ write frames: only ``DATA_OPS`` are served there (anyone who can connect may
 use it); everything else (alloc, free, inject ...) only on the coordinator's
 connection, and on the data endpoint gets EPERM.
 
+Frame contents travel as a data frame beside the msgpack header (numaemu/protocol.py):
+a write is stored straight from zmq's buffer; a read reply is a copy of the frames taken
+while the request is served (zmq sends it later, from another thread, and the frames may
+change meanwhile), handed to zmq without another copy.
+
 Frame allocation is next-fit over a free bitmap, so a fresh node hands out
 contiguous runs and copies of runs become slice copies.
 """
@@ -37,6 +42,7 @@ from numaemu import protocol as P
 from numaemu.errors import ClusterError
 from numaemu.keys import find as find_keys
 from numaemu.protocol import ProtocolError
+from numaemu.transport import recv_frames, send_frames
 
 from .segment import Segment, load_frames, store_frames
 
@@ -142,7 +148,11 @@ class Node:
         }
 
     def _check_pfns(self, pfns: np.ndarray) -> None:
-        if len(pfns) and (pfns.min() < 0 or pfns.max() >= self.segment.frames):
+        if len(pfns) == 1:  # (a page's access: numpy's min and max cost more than this)
+            bad = not 0 <= int(pfns[0]) < self.segment.frames
+        else:
+            bad = len(pfns) and (pfns.min() < 0 or pfns.max() >= self.segment.frames)
+        if bad:
             raise P.ProtocolError("frame number out of range")
 
     def alloc(self, req: P.Alloc) -> dict:
@@ -189,6 +199,7 @@ class Node:
         length = total - req.offset if req.length == -1 else req.length
         if not 0 <= req.offset <= total or not 0 <= length <= total - req.offset:
             raise ProtocolError("offset/length outside the frame list")
+        # A copy, taken now: zmq sends it later, and the frames may change meanwhile.
         return {"data": load_frames(self.frames, req.pfns, req.offset, length)}
 
     def write_frames(self, req: P.WriteFrames) -> dict:
@@ -288,10 +299,13 @@ class Node:
                 sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns[lo : lo + step]), seq))
                 if not sock.poll(FETCH_TIMEOUT * 1000):
                     raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
-                reply = P.unpack(sock.recv())
-                if not reply.get("ok") or reply.get("re") != seq:
+                try:
+                    reply, data = P.unpack_message(recv_frames(sock))
+                except ProtocolError as exc:
+                    raise _Errno(errno.EIO, f"node {req.src_node}: {exc}") from None
+                if not reply.get("ok") or reply.get("re") != seq or data is None:
                     raise _Errno(errno.EIO, f"node {req.src_node}: {reply.get('error')}")
-                parts.append(reply["data"])
+                parts.append(data)
         finally:
             sock.close(0)
         return b"".join(parts)
@@ -329,17 +343,18 @@ class Node:
             self.delayed[op] = (count - 1, delay)
         return delay
 
-    def handle(self, raw: bytes, ops: frozenset[str] | None = None) -> bytes | None:
-        """Answer one request; a malformed one gets an error reply, never an exception.
+    def handle(self, frames: list, ops: frozenset[str] | None = None) -> list | None:
+        """Answer one request (its frames: header and data frame, if any) with the frames of
+        the reply; a malformed one gets an error reply, never an exception.
 
         ``ops``: the requests this connection may make (None: all, the coordinator's);
         others get EPERM and change nothing."""
         obj: dict = {}
         try:
-            obj = P.unpack(raw)
+            obj = P.unpack(frames[0])
             if "re" in obj:  # a reply (to our register): not expected here
                 return None
-            req = P.decode_request(obj)
+            req = P.decode_request(obj, P.data_frame(obj, frames))
             if ops is not None and req.op not in ops:
                 raise _Errno(errno.EPERM, f"{req.op} is not served on the data endpoint")
             handler = self.handlers.get(req.op)
@@ -348,15 +363,18 @@ class Node:
             if self.injected.get(req.op):
                 self.injected[req.op] -= 1
                 raise _Errno(errno.EIO, f"injected failure of {req.op}")
-            return P.ok_reply(obj.get("seq"), **handler(req))
+            out = handler(req)
+            if "data" in out:
+                return P.data_reply(obj.get("seq"), out["data"])
+            return [P.ok_reply(obj.get("seq"), **out)]
         except _Errno as exc:
-            return P.error_reply(obj.get("seq"), exc.errno, exc.strerror)
+            return [P.error_reply(obj.get("seq"), exc.errno, exc.strerror)]
         except ProtocolError as exc:
             log.warning("node %d: bad request: %s", self.node, exc)
-            return P.protocol_error_reply(obj, exc)
+            return [P.protocol_error_reply(obj, exc)]
         except Exception as exc:  # a handler bug must not kill the node
             log.exception("node %d: request failed", self.node)
-            return P.error_reply(obj.get("seq"), errno.EIO, f"node error: {exc}")
+            return [P.error_reply(obj.get("seq"), errno.EIO, f"node error: {exc}")]
 
 
 class _Errno(OSError):
@@ -382,6 +400,7 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
     ctrl.connect(coordinator)
     data = ctx.socket(zmq.ROUTER)
     data.setsockopt(zmq.LINGER, 0)
+    # Per frame (libzmq's limit): a data frame or a header, each at most a message's worth.
     data.setsockopt(zmq.MAXMSGSIZE, P.max_frame_message(segment.page_size))
     data_keys = find_keys(data_endpoint, keys)
     if data_keys is not None:
@@ -413,7 +432,7 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         # Requests from the coordinator are served in order; an injected delay holds the
         # queue (``held``) without blocking the loop, so pings are still answered: a slow
         # node is not a dead one.
-        held: deque[list] = deque()  # [raw, op, delay already taken]
+        held: deque[list] = deque()  # [frames, op, delay already taken]
         hold_until = 0.0
         while not stop:
             wait = HEARTBEAT_INTERVAL
@@ -421,9 +440,9 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
                 wait = max(0.0, min(wait, hold_until - time.monotonic()))
             events = dict(poller.poll(wait * 1000))
             if ctrl in events:
-                raw = ctrl.recv()
+                raw = recv_frames(ctrl)
                 last_heard = time.monotonic()
-                op = _peek_op(raw)
+                op = _peek_op(raw[0])
                 if op == "exit":
                     stop.append("exit request")
                     break
@@ -442,15 +461,15 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
                 held.popleft()
                 out = state.handle(entry[0])
                 if out is not None:
-                    ctrl.send(out)
+                    send_frames(ctrl, out)
             if data in events:
-                # Frame contents travel without extra copies: the request is decoded from
-                # zmq's buffer, and a big reply is handed over as it is.
-                ident, raw = _split(data.recv_multipart(copy=False))
-                if ident is not None:
-                    out = state.handle(raw.buffer, DATA_OPS)
+                # The request is decoded from zmq's buffers, a write stored straight from
+                # them; a big reply is handed over without a copy.
+                frames = recv_frames(data)
+                if len(frames) >= 2:  # (a ROUTER puts the routing id first)
+                    out = state.handle(frames[1:], DATA_OPS)
                     if out is not None:
-                        data.send_multipart([ident, out], copy=len(out) < (1 << 16))
+                        send_frames(data, [frames[0], *out])
             if time.monotonic() - last_heard > HEARTBEAT_TIMEOUT:
                 log.error("node %d: no heartbeat from the coordinator for %.1f s; exiting",
                           node, HEARTBEAT_TIMEOUT)
@@ -469,15 +488,9 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         segment.close()
 
 
-def _peek_op(raw: bytes) -> str | None:
+def _peek_op(header) -> str | None:
     try:
-        obj = P.unpack(raw)
+        obj = P.unpack(header)
     except ProtocolError:
         return None
     return obj.get("op")
-
-
-def _split(frames: list) -> tuple:
-    if len(frames) != 2:
-        return None, None
-    return frames[0], frames[1]

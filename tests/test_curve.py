@@ -50,7 +50,12 @@ def exchange(endpoint: str, payload: bytes, keys: Keys | None, timeout_ms: int =
             keys.client(sock)
         sock.connect(endpoint)
         sock.send(payload)
-        return P.unpack(sock.recv()) if sock.poll(timeout_ms) else None
+        if not sock.poll(timeout_ms):
+            return None
+        reply, data = P.unpack_message(sock.recv_multipart())
+        if data is not None:  # frame contents come as a data frame beside the header
+            reply["data"] = bytes(data)
+        return reply
     finally:
         sock.close(0)
 
