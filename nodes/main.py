@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default=os.environ.get(KEYS_ENV),
                         help="a tcp cluster's key directory, with the cluster's secret key "
                         "(a node serves its data endpoint as the cluster)")
+    parser.add_argument("--data-path", choices=("auto", "remote"), default="auto",
+                        help="remote: copy pages from other nodes through their data "
+                        "services even when their memory maps here")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     with Connection(args.coordinator, keys=args.keys) as conn:
@@ -37,5 +40,5 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data_endpoint or "tcp://*:*"
     logging.getLogger("numaemu.node").info("node %d joining %s", args.node, args.coordinator)
     run_node(args.node, info["endpoints"]["nodes"], info["cluster_id"], frames,
-             topo["page_size"], data, keys=args.keys)
+             topo["page_size"], data, keys=args.keys, data_path=args.data_path)
     return 0

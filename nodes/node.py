@@ -19,6 +19,9 @@ a write is stored straight from zmq's buffer; a read reply is a copy of the fram
 while the request is served (zmq sends it later, from another thread, and the frames may
 change meanwhile), handed to zmq without another copy.
 
+A copy from a node whose segment this one cannot map (another host, or the cluster's
+``data_path="remote"``) fetches the frames from that node's data service (``_fetch``).
+
 Frame allocation is next-fit over a free bitmap, so a fresh node hands out
 contiguous runs and copies of runs become slice copies.
 """
@@ -50,15 +53,19 @@ log = logging.getLogger("numaemu.node")
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 5.0
-#: How long a copy waits for another host's node to send frames (the loop is blocked
-#: meanwhile, so this stays well under the coordinator's node lease).
-FETCH_TIMEOUT = 1.0
+#: How long a copy waits for each message's worth of frames from another node's data
+#: service (the loop is blocked meanwhile, so this stays well under the coordinator's node
+#: lease).
+FETCH_TIMEOUT = 2.0
 
 NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "local_node",
                  "other_node")
 
 #: What the data endpoint serves: frame contents, nothing that changes the node's state.
 DATA_OPS = frozenset({"read_frames", "write_frames", "read_elements", "write_elements", "ping"})
+#: Counters of the copy engine (seed step 12), in ``node_stats``: frames copied in from a
+#: mapped peer segment, frames fetched from a peer's data service, fetches that failed.
+COPY_KEYS = ("frames_copied_mapped", "frames_fetched", "fetch_failures")
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -122,14 +129,21 @@ class FrameAllocator:
 class Node:
     """The node process's state and request handlers."""
 
-    def __init__(self, node: int, segment: Segment) -> None:
+    def __init__(self, node: int, segment: Segment, data_path: str = "auto") -> None:
         self.node = node
         self.segment = segment
         self.frames = segment.array
         self.allocator = FrameAllocator(segment.frames)
         self.numastat = dict.fromkeys(NUMASTAT_KEYS, 0)
+        self.copy_stats = dict.fromkeys(COPY_KEYS, 0)
         self.keys: str | None = None  # the cluster's key directory (tcp)
+        #: "remote": never map another node's segment, fetch from its data service (the
+        #: cluster's data_path, so that one machine exercises the path of several hosts)
+        self.data_path = data_path
         self.sources: dict[str, Segment] = {}  # other nodes' segments, mapped for copy_in
+        self.ctx: zmq.Context | None = None  # the loop's context, for fetch sockets
+        self.fetchers: dict[str, zmq.Socket] = {}  # DEALERs to other nodes' data services
+        self._fetch_seq = 0
         self.injected: dict[str, int] = {}
         self.delayed: dict[str, tuple[int, float]] = {}
         self.handlers: dict[str, Callable] = {
@@ -243,7 +257,8 @@ class Node:
         return {}
 
     def copy_in(self, req: P.CopyIn) -> dict:
-        """Seed step 12: copy contents from the source node, as slice copies of common runs."""
+        """Seed step 12: copy contents from the source node, as slice copies of common runs:
+        from its segment when this node maps it, else from its data service (``_fetch``)."""
         self._check_pfns(req.dst_pfns)
         if len(req.src_pfns) != len(req.dst_pfns):
             raise ProtocolError("src_pfns and dst_pfns differ in length")
@@ -252,11 +267,16 @@ class Node:
         src = self._source(req)
         dst = self.frames
         s, d = req.src_pfns.astype(np.int64), req.dst_pfns.astype(np.int64)
-        if src is None and req.src_endpoint.startswith("ipc://"):
+        if src is None and req.src_endpoint.startswith("ipc://") and self.data_path != "remote":
             # Same host, and the segment is gone: the source node died.
             raise _Errno(errno.EIO, f"node {req.src_node}'s memory is gone")
-        if src is None:  # another host: fetch the contents from the source's data service
-            dst[d] = np.frombuffer(self._fetch(req), dtype=np.uint8).reshape(len(d), -1)
+        if src is None:  # another host (or forced): from the source's data service
+            try:
+                self._fetch(req, s, d)
+            except _Errno:
+                self.copy_stats["fetch_failures"] += 1
+                raise
+            self.copy_stats["frames_fetched"] += len(d)
             return {}
         if s.max() >= len(src) or s.min() < 0:
             raise ProtocolError("source frame number out of range")
@@ -266,9 +286,12 @@ class Node:
         for a, b in zip(starts, ends):
             s0, d0 = int(s[a]), int(d[a])
             dst[d0 : d0 + b - a] = src[s0 : s0 + b - a]
+        self.copy_stats["frames_copied_mapped"] += len(d)
         return {}
 
     def _source(self, req: P.CopyIn):
+        if self.data_path == "remote":
+            return None
         seg = self.sources.get(req.src_path)
         if seg is None:
             try:
@@ -280,35 +303,59 @@ class Node:
             self.sources[req.src_path] = seg
         return seg.array
 
-    def _fetch(self, req: P.CopyIn) -> bytes:
-        """The source frames' contents from the source node's data service, one message's
-        worth (``P.MAX_FRAME_DATA``) at a time."""
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        parts = []
-        step = P.frames_per_message(self.segment.page_size)
-        try:
+    def _fetch(self, req: P.CopyIn, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy the source frames ``src`` into this node's frames ``dst`` from the source
+        node's data service: one ``read_frames`` per message's worth (``P.MAX_FRAME_DATA``),
+        all sent at once; each reply's data frame is stored straight from zmq's buffer."""
+        sock = self._fetcher(req)
+        ps, step = self.segment.page_size, P.frames_per_message(self.segment.page_size)
+        pending: dict[int, tuple[int, int]] = {}
+        for lo in range(0, len(src), step):
+            hi = min(lo + step, len(src))
+            self._fetch_seq += 1
+            send_frames(sock, P.message_frames(
+                P.ReadFrames(pfns=src[lo:hi].astype(P.PFN, copy=False)), self._fetch_seq))
+            pending[self._fetch_seq] = (lo, hi)
+        while pending:
+            if not sock.poll(FETCH_TIMEOUT * 1000):
+                raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
+            frames = recv_frames(sock)
             try:
-                curve = find_keys(req.src_endpoint, self.keys)
-            except ClusterError as exc:
-                raise _Errno(errno.EIO, str(exc)) from None
-            if curve is not None:
-                curve.client(sock)
-            sock.connect(req.src_endpoint)
-            for seq, lo in enumerate(range(0, len(req.src_pfns), step), 1):
-                sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns[lo : lo + step]), seq))
-                if not sock.poll(FETCH_TIMEOUT * 1000):
-                    raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
-                try:
-                    reply, data = P.unpack_message(recv_frames(sock))
-                except ProtocolError as exc:
-                    raise _Errno(errno.EIO, f"node {req.src_node}: {exc}") from None
-                if not reply.get("ok") or reply.get("re") != seq or data is None:
-                    raise _Errno(errno.EIO, f"node {req.src_node}: {reply.get('error')}")
-                parts.append(data)
-        finally:
-            sock.close(0)
-        return b"".join(parts)
+                obj, data = P.unpack_message(frames)
+            except ProtocolError as exc:
+                raise _Errno(errno.EIO, f"node {req.src_node}: {exc}") from None
+            seq = obj.get("re")
+            piece = pending.pop(seq, None) if type(seq) is int else None
+            if piece is None:
+                continue  # a late reply to a fetch that gave up
+            lo, hi = piece
+            if not obj.get("ok") or data is None or len(data) != (hi - lo) * ps:
+                raise _Errno(errno.EIO, f"node {req.src_node}: "
+                                        f"{obj.get('error', 'a reply without its frames')}")
+            rows = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, ps)
+            d0 = int(dst[lo])
+            if int(dst[hi - 1]) - d0 == hi - lo - 1 and \
+                    not np.count_nonzero(np.diff(dst[lo:hi]) != 1):
+                self.frames[d0 : d0 + hi - lo] = rows
+            else:
+                self.frames[dst[lo:hi]] = rows
+
+    def _fetcher(self, req: P.CopyIn) -> zmq.Socket:
+        """A DEALER connected to the source node's data service (kept for later copies)."""
+        sock = self.fetchers.get(req.src_endpoint)
+        if sock is not None:
+            return sock
+        try:
+            curve = find_keys(req.src_endpoint, self.keys)
+        except ClusterError as exc:
+            raise _Errno(errno.EIO, str(exc)) from None
+        sock = (self.ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.client(sock)
+        sock.connect(req.src_endpoint)
+        self.fetchers[req.src_endpoint] = sock
+        return sock
 
     def inject(self, req: P.Inject) -> dict:
         if req.request not in self.handlers or req.count < 0 or not 0 <= req.delay <= 10:
@@ -332,6 +379,7 @@ class Node:
             "frames": self.segment.frames,
             "free": self.allocator.nr_free,
             "numastat": dict(self.numastat),
+            "copy": dict(self.copy_stats),
         }
 
     def delay_for(self, op: str | None) -> float:
@@ -382,15 +430,17 @@ class _Errno(OSError):
 
 
 def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
-          keys: str | None = None) -> None:
+          keys: str | None = None, data_path: str = "auto") -> None:
     """Register with the coordinator and answer requests until told to exit or orphaned.
 
     On tcp every socket authenticates with the cluster's CURVE keys (numaemu/keys.py): the
     node is a client of the coordinator and of other nodes, and serves its data endpoint
-    only to peers holding the cluster's client credential."""
-    state = Node(node, segment)
+    only to peers holding the cluster's client credential.  ``data_path`` "remote": copies
+    from other nodes always go through their data services (``Node.data_path``)."""
+    state = Node(node, segment, data_path)
     state.keys = keys
     ctx = zmq.Context()
+    state.ctx = ctx
     auth = None
     ctrl = ctx.socket(zmq.DEALER)
     ctrl.setsockopt(zmq.LINGER, 0)
@@ -423,8 +473,9 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         if not reply.get("ok"):
             log.error("node %d: registration refused: %s", node, reply.get("error"))
             return
-        log.info("node %d up: %d frames of %d bytes in %s", node, segment.frames,
-                 segment.page_size, segment.path)
+        log.info("node %d up: %d frames of %d bytes in %s%s", node, segment.frames,
+                 segment.page_size, segment.path,
+                 "; copies through data services" if data_path == "remote" else "")
         poller = zmq.Poller()
         poller.register(ctrl, zmq.POLLIN)
         poller.register(data, zmq.POLLIN)
@@ -479,6 +530,8 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
     finally:
         ctrl.close(0)
         data.close(0)
+        for sock in state.fetchers.values():
+            sock.close(0)
         if auth is not None:
             auth.stop()
         ctx.term()

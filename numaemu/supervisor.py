@@ -52,12 +52,13 @@ def _coordinator_main(topology_dict: dict, cluster_id: str, endpoints: dict, sup
 
 
 def _node_main(node: int, coordinator: str, cluster_id: str, frames: int, page_size: int,
-               data_endpoint: str, keys: str | None) -> None:
+               data_endpoint: str, keys: str | None, data_path: str) -> None:
     numaemu_log.set_where("node", node)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when nodes stop
     from nodes import run_node
 
-    run_node(node, coordinator, cluster_id, frames, page_size, data_endpoint, keys=keys)
+    run_node(node, coordinator, cluster_id, frames, page_size, data_endpoint, keys=keys,
+             data_path=data_path)
 
 
 def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
@@ -83,8 +84,10 @@ def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
 
 def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | None = None,
               watch_stdin: bool = False, ready_out=None, stderr_logs: bool = True,
-              inject_delays: float | None = None) -> int:
-    """Run a cluster until told to stop; return the exit status."""
+              inject_delays: float | None = None, data_path: str = "auto") -> int:
+    """Run a cluster until told to stop; return the exit status.  ``data_path`` "remote":
+    nodes copy pages from each other through their data services, never by mapping each
+    other's segments (what nodes on different hosts do), so one machine runs that path."""
     sweep_leftovers()
     run = RunDir.create(listen)
     setup_logging(log_level, run.log_path, stderr=stderr_logs)
@@ -114,7 +117,7 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
                 target=_node_main, name=f"numaemu-node{node}",
                 args=(node, endpoints["nodes"], run.cluster_id,
                       topology.frames_per_node[node], topology.page_size,
-                      run.node_data_endpoint(node), keys_dir))
+                      run.node_data_endpoint(node), keys_dir, data_path))
             procs[f"node{node}"].start()
         # Only now may this process create zmq sockets and threads.
         collector = numaemu_log.Collector(endpoints["log"], keys)
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch-stdin", action="store_true")
     parser.add_argument("--no-stderr", action="store_true")
     parser.add_argument("--inject-delays", type=float, default=None)
+    parser.add_argument("--data-path", choices=("auto", "local", "remote"), default="auto")
     args = parser.parse_args(argv)
     topology = Topology.from_dict(json.loads(args.topology))
     ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -235,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(devnull, sys.stdout.fileno())
     return supervise(topology, log_level=args.log_level, listen=args.listen,
                      watch_stdin=args.watch_stdin, ready_out=ready_out,
-                     stderr_logs=not args.no_stderr, inject_delays=args.inject_delays)
+                     stderr_logs=not args.no_stderr, inject_delays=args.inject_delays,
+                     data_path=args.data_path)
 
 
 if __name__ == "__main__":

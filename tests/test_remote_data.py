@@ -16,6 +16,7 @@ from conftest import cluster_is_gone, small_topology
 from test_migration_concurrent import PS, increments_under_moves
 
 import numaemu
+from nodes.node import COPY_KEYS
 from numaemu import MPOL_BIND, MPOL_INTERLEAVE, ClusterError, NumaError, remote
 from numaemu import protocol as P
 from numaemu.transport import Connection
@@ -26,7 +27,8 @@ MODEL_KEYS = ("local_accesses", "remote_accesses", "local_bytes", "remote_bytes"
 
 @pytest.fixture(scope="module")
 def rcluster():
-    """A 2-node cluster whose tasks use the remote data path unless told otherwise."""
+    """A 2-node cluster whose tasks use the remote data path unless told otherwise, and whose
+    nodes copy migrated pages through each other's data services."""
     with numaemu.Cluster(small_topology(frames=4096), data_path="remote") as c:
         yield c
     assert cluster_is_gone(c.cluster_id)
@@ -147,12 +149,25 @@ def test_array_views_gather_scatter_and_slice_through_the_data_services(rtask):
     rtask.munmap(m.addr, m.length)
 
 
+def copy_counters(cluster) -> dict[str, int]:
+    """The nodes' copy-engine counters (``Cluster.node_stats``), summed over the nodes."""
+    stats = cluster.node_stats()
+    return {k: sum(s["copy"][k] for s in stats.values()) for k in COPY_KEYS}
+
+
 def test_increments_are_exact_while_pages_move_under_remote_clients(rcluster):
     """The shootdown guarantee over the wire: incrementers in their own processes, reaching
-    memory only through the data services, while a privileged task keeps moving the pages."""
+    memory only through the data services, while a privileged task keeps moving the pages.
+    The cluster's nodes are on the remote path too: every page moved went from node to node
+    through the source's data service (seed step 12 across hosts), none by mapping."""
     root = rcluster.attach(cpu=1, privileged=True)
-    increments_under_moves(rcluster, root, "rstress", 30)
+    before = copy_counters(rcluster)
+    increments_under_moves(rcluster, root, "rstress", 30, pages=4)
+    after = copy_counters(rcluster)
     root.close()
+    assert after["frames_fetched"] - before["frames_fetched"] == 30 * 4
+    assert after["frames_copied_mapped"] == before["frames_copied_mapped"]
+    assert after["fetch_failures"] == before["fetch_failures"]
     assert rcluster.check() == []
 
 
