@@ -21,6 +21,9 @@ change meanwhile), handed to zmq without another copy.
 
 A copy from a node whose segment this one cannot map (another host, or the cluster's
 ``data_path="remote"``) fetches the frames from that node's data service (``_fetch``).
+While it waits, the loop keeps serving its own data endpoint and the coordinator's pings
+(``Loop.wait_for``): two nodes that fetch from each other at once each serve the other's
+request, and a data service never waits for anything, so no cycle of waits can form.
 
 Frame allocation is next-fit over a free bitmap, so a fresh node hands out
 contiguous runs and copies of runs become slice copies.
@@ -54,8 +57,7 @@ log = logging.getLogger("numaemu.node")
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 5.0
 #: How long a copy waits for each message's worth of frames from another node's data
-#: service (the loop is blocked meanwhile, so this stays well under the coordinator's node
-#: lease).
+#: service (the loop keeps serving meanwhile; the coordinator's copy_in call waits 30 s).
 FETCH_TIMEOUT = 2.0
 
 NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "local_node",
@@ -64,8 +66,10 @@ NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "loc
 #: What the data endpoint serves: frame contents, nothing that changes the node's state.
 DATA_OPS = frozenset({"read_frames", "write_frames", "read_elements", "write_elements", "ping"})
 #: Counters of the copy engine (seed step 12), in ``node_stats``: frames copied in from a
-#: mapped peer segment, frames fetched from a peer's data service, fetches that failed.
-COPY_KEYS = ("frames_copied_mapped", "frames_fetched", "fetch_failures")
+#: mapped peer segment, frames fetched from a peer's data service, fetches that failed,
+#: and data requests this node served while one of its own fetches waited.
+COPY_KEYS = ("frames_copied_mapped", "frames_fetched", "fetch_failures",
+             "served_during_fetch")
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -144,6 +148,11 @@ class Node:
         self.ctx: zmq.Context | None = None  # the loop's context, for fetch sockets
         self.fetchers: dict[str, zmq.Socket] = {}  # DEALERs to other nodes' data services
         self._fetch_seq = 0
+        self.fetching = 0  # fetches waiting (the loop serves data requests meanwhile)
+        #: Wait until ``sock`` is readable or ``timeout`` seconds passed; True if readable.
+        #: ``serve`` makes this a wait that keeps the loop serving (``Loop.wait_for``).
+        self.wait: Callable[[zmq.Socket, float], bool] = \
+            lambda sock, timeout: bool(sock.poll(timeout * 1000))
         self.injected: dict[str, int] = {}
         self.delayed: dict[str, tuple[int, float]] = {}
         self.handlers: dict[str, Callable] = {
@@ -306,7 +315,12 @@ class Node:
     def _fetch(self, req: P.CopyIn, src: np.ndarray, dst: np.ndarray) -> None:
         """Copy the source frames ``src`` into this node's frames ``dst`` from the source
         node's data service: one ``read_frames`` per message's worth (``P.MAX_FRAME_DATA``),
-        all sent at once; each reply's data frame is stored straight from zmq's buffer."""
+        all sent at once; each reply's data frame is stored straight from zmq's buffer.
+
+        The wait (``self.wait``) keeps the loop serving this node's data endpoint: a node
+        that fetches from this one at the same time gets its frames (docstring).  The
+        destination frames are new pages (seed step 3): nobody maps them, so a request
+        served meanwhile cannot touch them."""
         sock = self._fetcher(req)
         ps, step = self.segment.page_size, P.frames_per_message(self.segment.page_size)
         pending: dict[int, tuple[int, int]] = {}
@@ -316,29 +330,33 @@ class Node:
             send_frames(sock, P.message_frames(
                 P.ReadFrames(pfns=src[lo:hi].astype(P.PFN, copy=False)), self._fetch_seq))
             pending[self._fetch_seq] = (lo, hi)
-        while pending:
-            if not sock.poll(FETCH_TIMEOUT * 1000):
-                raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
-            frames = recv_frames(sock)
-            try:
-                obj, data = P.unpack_message(frames)
-            except ProtocolError as exc:
-                raise _Errno(errno.EIO, f"node {req.src_node}: {exc}") from None
-            seq = obj.get("re")
-            piece = pending.pop(seq, None) if type(seq) is int else None
-            if piece is None:
-                continue  # a late reply to a fetch that gave up
-            lo, hi = piece
-            if not obj.get("ok") or data is None or len(data) != (hi - lo) * ps:
-                raise _Errno(errno.EIO, f"node {req.src_node}: "
-                                        f"{obj.get('error', 'a reply without its frames')}")
-            rows = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, ps)
-            d0 = int(dst[lo])
-            if int(dst[hi - 1]) - d0 == hi - lo - 1 and \
-                    not np.count_nonzero(np.diff(dst[lo:hi]) != 1):
-                self.frames[d0 : d0 + hi - lo] = rows
-            else:
-                self.frames[dst[lo:hi]] = rows
+        self.fetching += 1
+        try:
+            while pending:
+                if not self.wait(sock, FETCH_TIMEOUT):
+                    raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
+                frames = recv_frames(sock)
+                try:
+                    obj, data = P.unpack_message(frames)
+                except ProtocolError as exc:
+                    raise _Errno(errno.EIO, f"node {req.src_node}: {exc}") from None
+                seq = obj.get("re")
+                piece = pending.pop(seq, None) if type(seq) is int else None
+                if piece is None:
+                    continue  # a late reply to a fetch that gave up
+                lo, hi = piece
+                if not obj.get("ok") or data is None or len(data) != (hi - lo) * ps:
+                    raise _Errno(errno.EIO, f"node {req.src_node}: "
+                                            f"{obj.get('error', 'a reply without its frames')}")
+                rows = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, ps)
+                d0 = int(dst[lo])
+                if int(dst[hi - 1]) - d0 == hi - lo - 1 and \
+                        not np.count_nonzero(np.diff(dst[lo:hi]) != 1):
+                    self.frames[d0 : d0 + hi - lo] = rows
+                else:
+                    self.frames[dst[lo:hi]] = rows
+        finally:
+            self.fetching -= 1
 
     def _fetcher(self, req: P.CopyIn) -> zmq.Socket:
         """A DEALER connected to the source node's data service (kept for later copies)."""
@@ -429,6 +447,104 @@ class _Errno(OSError):
     pass
 
 
+class Loop:
+    """The node's socket loop: the coordinator's connection (``ctrl``, a DEALER) and the data
+    endpoint (``data``, a ROUTER), served from this one thread.
+
+    Requests from the coordinator are served in order.  An injected delay holds that queue
+    (``held``), not the loop; a copy that fetches from another node's data service waits
+    in ``wait_for``, which goes on answering pings (a slow node is not a dead one) and
+    serving the data endpoint (two nodes fetching from each other both get their frames),
+    while the coordinator's other requests queue behind the copy."""
+
+    def __init__(self, state: Node, ctrl: zmq.Socket, data: zmq.Socket) -> None:
+        self.state, self.ctrl, self.data = state, ctrl, data
+        self.poller = zmq.Poller()
+        self.poller.register(ctrl, zmq.POLLIN)
+        self.poller.register(data, zmq.POLLIN)
+        self.held: deque[list] = deque()  # [frames, op, delay already taken]
+        self.hold_until = 0.0
+        self.last_heard = time.monotonic()
+        self.stop: list[str] = []
+        state.wait = self.wait_for
+
+    def run(self) -> None:
+        """Serve until told to exit or orphaned (no heartbeat from the coordinator)."""
+        while not self.stop:
+            wait = HEARTBEAT_INTERVAL
+            if self.held:
+                wait = max(0.0, min(wait, self.hold_until - time.monotonic()))
+            self.turn(self.poller, wait)
+            self.serve_held()
+            if time.monotonic() - self.last_heard > HEARTBEAT_TIMEOUT:
+                log.error("node %d: no heartbeat from the coordinator for %.1f s; exiting",
+                          self.state.node, HEARTBEAT_TIMEOUT)
+                return
+        log.info("node %d stopping (%s)", self.state.node, self.stop[0])
+
+    def turn(self, poller: zmq.Poller, timeout: float) -> dict:
+        """Wait up to ``timeout`` seconds, then take one message from each socket that has
+        one: serve a data request, answer a ping, queue the coordinator's other requests.
+        Returns the poll's events."""
+        events = dict(poller.poll(timeout * 1000))
+        if self.ctrl in events:
+            self.on_ctrl()
+        if self.data in events:
+            self.on_data()
+        return events
+
+    def wait_for(self, sock: zmq.Socket, timeout: float) -> bool:
+        """Serve (``turn``) until ``sock`` is readable (True) or ``timeout`` seconds passed."""
+        poller = zmq.Poller()
+        poller.register(self.ctrl, zmq.POLLIN)
+        poller.register(self.data, zmq.POLLIN)
+        poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            if sock in self.turn(poller, max(0.0, deadline - time.monotonic())):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def on_ctrl(self) -> None:
+        frames = recv_frames(self.ctrl)
+        self.last_heard = time.monotonic()
+        op = _peek_op(frames[0])
+        if op == "exit":
+            self.stop.append("exit request")
+        elif op == "ping":
+            self.ctrl.send(P.ok_reply(0))
+        else:
+            self.held.append([frames, op, False])
+
+    def serve_held(self) -> None:
+        """Serve the coordinator's queued requests whose (injected) delay is over."""
+        held = self.held
+        while held and not self.stop and time.monotonic() >= self.hold_until:
+            entry = held[0]
+            if not entry[2]:
+                entry[2] = True
+                delay = self.state.delay_for(entry[1])
+                if delay:
+                    self.hold_until = time.monotonic() + delay
+                    return
+            held.popleft()
+            out = self.state.handle(entry[0])
+            if out is not None:
+                send_frames(self.ctrl, out)
+
+    def on_data(self) -> None:
+        # The request is decoded from zmq's buffers, a write stored straight from them.
+        frames = recv_frames(self.data)
+        if len(frames) < 2:  # (a ROUTER puts the routing id first: never less than 2)
+            return
+        out = self.state.handle(frames[1:], DATA_OPS)
+        if self.state.fetching:
+            self.state.copy_stats["served_during_fetch"] += 1
+        if out is not None:
+            send_frames(self.data, [frames[0], *out])
+
+
 def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
           keys: str | None = None, data_path: str = "auto") -> None:
     """Register with the coordinator and answer requests until told to exit or orphaned.
@@ -458,10 +574,10 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         data_keys.server(data)
     data.bind(data_endpoint)
     data_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port of "tcp://h:*"
-    stop = []
+    loop = Loop(state, ctrl, data)
     # SIGINT is left alone: under ``numaemu up`` Ctrl-C reaches the whole process group, and
     # the coordinator needs its nodes alive to write dirty pages back before it stops them.
-    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop.append("SIGTERM"))
     try:
         ctrl.send(P.encode_request(P.Register(
             node=node, path=segment.path, frames=segment.frames, page_size=segment.page_size,
@@ -476,57 +592,8 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         log.info("node %d up: %d frames of %d bytes in %s%s", node, segment.frames,
                  segment.page_size, segment.path,
                  "; copies through data services" if data_path == "remote" else "")
-        poller = zmq.Poller()
-        poller.register(ctrl, zmq.POLLIN)
-        poller.register(data, zmq.POLLIN)
-        last_heard = time.monotonic()
-        # Requests from the coordinator are served in order; an injected delay holds the
-        # queue (``held``) without blocking the loop, so pings are still answered: a slow
-        # node is not a dead one.
-        held: deque[list] = deque()  # [frames, op, delay already taken]
-        hold_until = 0.0
-        while not stop:
-            wait = HEARTBEAT_INTERVAL
-            if held:
-                wait = max(0.0, min(wait, hold_until - time.monotonic()))
-            events = dict(poller.poll(wait * 1000))
-            if ctrl in events:
-                raw = recv_frames(ctrl)
-                last_heard = time.monotonic()
-                op = _peek_op(raw[0])
-                if op == "exit":
-                    stop.append("exit request")
-                    break
-                if op == "ping":
-                    ctrl.send(P.ok_reply(0))
-                else:
-                    held.append([raw, op, False])
-            while held and time.monotonic() >= hold_until:
-                entry = held[0]
-                if not entry[2]:
-                    entry[2] = True
-                    delay = state.delay_for(entry[1])
-                    if delay:
-                        hold_until = time.monotonic() + delay
-                        break
-                held.popleft()
-                out = state.handle(entry[0])
-                if out is not None:
-                    send_frames(ctrl, out)
-            if data in events:
-                # The request is decoded from zmq's buffers, a write stored straight from
-                # them; a big reply is handed over without a copy.
-                frames = recv_frames(data)
-                if len(frames) >= 2:  # (a ROUTER puts the routing id first)
-                    out = state.handle(frames[1:], DATA_OPS)
-                    if out is not None:
-                        send_frames(data, [frames[0], *out])
-            if time.monotonic() - last_heard > HEARTBEAT_TIMEOUT:
-                log.error("node %d: no heartbeat from the coordinator for %.1f s; exiting",
-                          node, HEARTBEAT_TIMEOUT)
-                break
-        if stop:
-            log.info("node %d stopping (%s)", node, stop[0])
+        loop.last_heard = time.monotonic()
+        loop.run()
     finally:
         ctrl.close(0)
         data.close(0)

@@ -302,7 +302,8 @@ class Cluster:
         """Per node: ``frames``, ``free``, ``active``/``inactive`` (LRU sizes), ``offline``,
         and ``copy``, the copy engine's counters (seed step 12): ``frames_copied_mapped``
         (from another node's segment, mapped), ``frames_fetched`` (from another node's data
-        service), ``fetch_failures``."""
+        service), ``fetch_failures``, ``served_during_fetch`` (data requests this node
+        served while one of its own fetches waited)."""
         nodes = self._call("numastat")["nodes"]
         return {int(n): {k: v for k, v in s.items() if k != "numastat"}
                 for n, s in nodes.items()}

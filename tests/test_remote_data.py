@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from conftest import cluster_is_gone, small_topology
 from test_migration_concurrent import PS, increments_under_moves
 
 import numaemu
+from nodes import node as node_mod
 from nodes.node import COPY_KEYS
 from numaemu import MPOL_BIND, MPOL_INTERLEAVE, ClusterError, NumaError, remote
 from numaemu import protocol as P
@@ -168,6 +170,54 @@ def test_increments_are_exact_while_pages_move_under_remote_clients(rcluster):
     assert after["frames_fetched"] - before["frames_fetched"] == 30 * 4
     assert after["frames_copied_mapped"] == before["frames_copied_mapped"]
     assert after["fetch_failures"] == before["fetch_failures"]
+    assert rcluster.check() == []
+
+
+def _mover(task, m, target: int, barrier, out: list) -> None:
+    """Move ``m`` to ``target`` and back, each move started with the other mover's."""
+    for t in (target, target ^ 1):
+        barrier.wait(30)
+        out.append(list(task.move_pages(m.pages, [t] * len(m.pages))))
+
+
+def test_nodes_fetching_from_each_other_at_once_both_get_their_frames(rcluster):
+    """Migrations in both directions at once: node 1 fetches task a's pages from node 0
+    while node 0 fetches task b's from node 1.  A node's loop keeps serving its data
+    endpoint while its own fetch waits, so neither waits for the other: no fetch fails or
+    runs into its timeout, and the nodes did serve each other mid-fetch."""
+    pages = 1024  # 4 MiB each way: fetches that last a few ms, so that they overlap
+    a, b = rcluster.attach(cpu=0, privileged=True), rcluster.attach(cpu=2, privileged=True)
+    ma, mb = a.mmap(pages * PS), b.mmap(pages * PS)
+    data_a = bytes(range(256)) * (pages * PS // 256)
+    data_b = bytes(range(255, -1, -1)) * (pages * PS // 256)
+    a.write(ma.addr, data_a)  # first touch: on the task's own node
+    b.write(mb.addr, data_b)
+    assert set(a.move_pages(ma.pages)) == {0} and set(b.move_pages(mb.pages)) == {1}
+    before = copy_counters(rcluster)
+    overlapped, rounds = 0, 0
+    while not overlapped and rounds < 40:  # (almost always the first round)
+        barrier = threading.Barrier(2)
+        results: dict[str, list] = {"a": [], "b": []}
+        movers = [threading.Thread(target=_mover, args=(a, ma, 1, barrier, results["a"])),
+                  threading.Thread(target=_mover, args=(b, mb, 0, barrier, results["b"]))]
+        t0 = time.monotonic()
+        for th in movers:
+            th.start()
+        for th in movers:
+            th.join(60)
+        elapsed = time.monotonic() - t0
+        rounds += 2
+        assert results["a"] == [[1] * pages, [0] * pages]
+        assert results["b"] == [[0] * pages, [1] * pages]
+        assert elapsed < node_mod.FETCH_TIMEOUT, "a fetch waited for the other node"
+        counters = copy_counters(rcluster)
+        assert counters["fetch_failures"] == before["fetch_failures"]
+        overlapped = counters["served_during_fetch"] - before["served_during_fetch"]
+    assert overlapped, "the fetches never overlapped: nothing was tested"
+    assert a.read(ma.addr, pages * PS) == data_a and b.read(mb.addr, pages * PS) == data_b
+    assert counters["frames_fetched"] - before["frames_fetched"] == 2 * rounds * pages
+    a.close()
+    b.close()
     assert rcluster.check() == []
 
 
