@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 from conftest import cluster_is_gone, small_topology
 from test_migration_concurrent import PS, increments_under_moves
 
@@ -266,6 +267,37 @@ def test_malformed_data_requests_get_errors_and_the_node_keeps_serving(rcluster)
             conn.call("alloc", count=1, timeout=10)
         assert info.value.errno == errno.EPERM
         assert len(conn.call("read_frames", pfns=pfns, timeout=10)["data"]) == 2 * PS
+
+
+def test_oversized_frames_and_extra_frames_never_reach_the_frames(rcluster):
+    """ZMQ_MAXMSGSIZE bounds each frame: a data frame one byte over the limit drops its
+    sender's connection before the node reads it; a message of many small frames is EINVAL.
+    Neither changes the page, and the node keeps serving."""
+    root = rcluster.attach(cpu=0, privileged=True)
+    m = root.mmap(PS)
+    root.write(m.addr, b"kept" * (PS // 4))
+    node = root.move_pages([m.addr])[0]
+    pfn = root._npfn[(m.addr // PS) - root._base_vpn : (m.addr // PS) - root._base_vpn + 1]
+    endpoint = rcluster._call("info")["segments"][node]["data_endpoint"]
+    big = P.max_frame_message(PS) + 1
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        header = P.pack({"op": "write_frames", "seq": 1, "pfns": pfn, "offset": 0,
+                         "data": big})
+        sock.send_multipart([header, b"x" * big])
+        assert not sock.poll(2000), "an oversized frame was answered"
+        many = [P.encode_request(P.ReadFrames(pfns=pfn), 2)] + [b"x" * 8] * 40
+        with Connection(endpoint, peer=f"node {node}'s data service") as conn:
+            conn.sock.send_multipart(many)
+            with pytest.raises(NumaError) as info:
+                conn.wait(2, "read_frames", timeout=10)
+            assert info.value.errno == errno.EINVAL
+    finally:
+        sock.close(0)
+    assert root.read(m.addr, PS) == b"kept" * (PS // 4)
+    root.close()
 
 
 def test_a_stopped_or_dead_node_gives_an_error_never_a_hang(monkeypatch):
