@@ -254,19 +254,23 @@ def _check_int(name: str, value: Any) -> int:
     return value
 
 
-def _pack_value(value: Any) -> Any:
+def _pack_default(value: Any) -> Any:
+    """What msgpack cannot pack itself: numpy arrays become packed bytes, numpy integers
+    ints, sets sorted lists; anything else is a ``TypeError``."""
     if isinstance(value, np.ndarray):
         return value.tobytes()
-    if isinstance(value, (np.integer,)):
+    if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value)
-    return value
+    if isinstance(value, int):  # (msgpack asks here about an int beyond 64 bits)
+        raise OverflowError(f"integer {value} is out of range")
+    raise TypeError(f"cannot send a {type(value).__name__}")
 
 
 def pack(obj: dict) -> bytes:
     """Encode a message map (numpy arrays become packed bytes)."""
-    return msgpack.packb({k: _pack_value(v) for k, v in obj.items()}, use_bin_type=True)
+    return msgpack.packb(obj, use_bin_type=True, default=_pack_default)
 
 
 def unpack(raw: bytes) -> dict:
