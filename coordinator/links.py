@@ -117,7 +117,7 @@ class Peer:
         """Send ``req`` numbered ``seq``; a failed send fails the peer and raises
         ``PeerGone`` (for callers that await the reply themselves, like the shootdown)."""
         try:
-            await send_bounded(self.sock, [self.ident, P.encode_request(req, seq)])
+            await send_bounded(self.sock, [self.ident, *P.message_frames(req, seq)])
         except (zmq.ZMQError, PeerGone) as exc:  # EHOSTUNREACH with ROUTER_MANDATORY: gone
             reason = f"{self.name} unreachable: {exc}"
             self.fail(reason)

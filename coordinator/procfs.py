@@ -90,7 +90,7 @@ async def node_stats(kernel) -> dict[int, dict]:
         active, inactive = lru_sizes(kernel, n)
         out[n] = {"numastat": r["numastat"], "free": r["free"] + len(kernel.pcp[n]),
                   "frames": r["frames"], "active": active, "inactive": inactive,
-                  "offline": False, "responding": True}
+                  "offline": False, "responding": True, "copy": r.get("copy", {})}
         kernel.last_stats[n] = r["numastat"]
     for n in nodes:
         if n not in out:
@@ -98,5 +98,5 @@ async def node_stats(kernel) -> dict[int, dict]:
             offline = n in kernel.offline
             out[n] = {"numastat": dict(last), "free": 0 if offline else int(kernel.free[n]),
                       "frames": kernel.nodes[n].frames, "active": 0, "inactive": 0,
-                      "offline": offline, "responding": False}
+                      "offline": offline, "responding": False, "copy": {}}
     return out

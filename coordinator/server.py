@@ -133,8 +133,8 @@ class Coordinator:
             loops = {"serve_rpc": lambda: self.serve(socks["rpc"], self.on_rpc),
                      "serve_tlb": lambda: self.serve(socks["tlb"],
                                                      self.one_frame("tlb", self.on_tlb)),
-                     "serve_nodes": lambda: self.serve(socks["nodes"],
-                                                       self.one_frame("node", self.on_node)),
+                     "serve_nodes": lambda: self.serve(socks["nodes"], self.one_frame(
+                         "node", self.on_node, data_replies=True)),
                      "ping_nodes": self.ping_nodes, "reap_dead": self.reap_dead,
                      "flusher": self.flusher, "stall_monitor": self.stall_monitor,
                      "numa_scanner": lambda: numa_balancing.scan_loop(self.kernel)}
@@ -263,17 +263,24 @@ class Coordinator:
             reply = P.error_reply(seq, errno.EIO, f"coordinator error: {exc!r}")
         await self.reply(sock, ident, reply)
 
-    def one_frame(self, kind: str, handler):
-        """A message handler for the tlb and nodes sockets: one-frame msgpack maps only; a
-        malformed one is logged and, unless it was a reply, answered with EINVAL."""
+    def one_frame(self, kind: str, handler, data_replies: bool = False):
+        """A message handler for the tlb and nodes sockets: one-frame msgpack maps only (with
+        ``data_replies``, a reply may carry a data frame: a node's frame contents, put in
+        its ``data`` field); a malformed one is logged and, unless it was a reply, answered
+        with EINVAL."""
 
         async def on_message(sock, frames: list) -> None:
-            if len(frames) != 2:
+            if len(frames) != 2 and not (data_replies and len(frames) == 3):
                 return
-            ident, raw = frames
+            ident = frames[0]
             obj: dict = {}
             try:
-                obj = P.unpack(raw)
+                obj = P.unpack(frames[1])
+                data = P.data_frame(obj, frames[1:])
+                if data is not None:
+                    if "re" not in obj:
+                        raise ProtocolError("a request with a data frame")
+                    obj["data"] = data
                 await handler(sock, ident, obj)
             except ProtocolError as exc:
                 log.warning("malformed %s message: %s", kind, exc)

@@ -13,7 +13,8 @@ __all__ = ["FrameAllocator", "Node", "Segment", "cluster_segments", "segment_pat
 
 
 def run_node(node: int, coordinator: str, cluster_id: str, frames: int, page_size: int,
-             data_endpoint: str, keys: str | None = None) -> None:
-    """Create the node's segment and serve until stopped; the segment is removed on exit."""
+             data_endpoint: str, keys: str | None = None, data_path: str = "auto") -> None:
+    """Create the node's segment and serve until stopped; the segment is removed on exit.
+    ``data_path`` "remote": copy from other nodes through their data services only."""
     segment = Segment(segment_path(cluster_id, node), frames, page_size, create=True)
-    serve(node, coordinator, segment, data_endpoint, keys)
+    serve(node, coordinator, segment, data_endpoint, keys, data_path)

@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default=os.environ.get(KEYS_ENV),
                         help="a tcp cluster's key directory, with the cluster's secret key "
                         "(a node serves its data endpoint as the cluster)")
+    parser.add_argument("--data-path", choices=("auto", "remote"), default="auto",
+                        help="remote: copy pages from other nodes through their data "
+                        "services even when their memory maps here")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     join(args.coordinator, args.node, args.data_endpoint or default_data_endpoint(
-        args.coordinator), args.keys, args.log_level)
+        args.coordinator), args.keys, args.log_level, args.data_path)
     return 0
 
 
@@ -50,8 +53,9 @@ def default_data_endpoint(coordinator: str) -> str:
 
 
 def join(coordinator: str, node: int, data_endpoint: str, keys: str | Keys | None,
-         log_level: str | int = "INFO") -> None:
-    """Serve as node ``node`` of the cluster at ``coordinator`` until told to stop."""
+         log_level: str | int = "INFO", data_path: str = "auto") -> None:
+    """Serve as node ``node`` of the cluster at ``coordinator`` until told to stop
+    (``data_path`` "remote": copy from other nodes through their data services)."""
     with Connection(coordinator, keys=keys) as conn:
         info = conn.call("info")
     log_endpoint = info["log_endpoint"]
@@ -60,4 +64,5 @@ def join(coordinator: str, node: int, data_endpoint: str, keys: str | Keys | Non
     topo = info["topology"]
     logging.getLogger("numaemu.node").info("node %d joining %s", node, coordinator)
     run_node(node, info["endpoints"]["nodes"], info["cluster_id"],
-             topo["frames_per_node"][node], topo["page_size"], data_endpoint, keys=keys)
+             topo["frames_per_node"][node], topo["page_size"], data_endpoint, keys=keys,
+             data_path=data_path)

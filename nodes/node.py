@@ -14,6 +14,17 @@ write frames: only ``DATA_OPS`` are served there (anyone who can connect may
 use it); everything else (alloc, free, inject ...) only on the coordinator's
 connection, and on the data endpoint gets EPERM.
 
+Frame contents travel as a data frame beside the msgpack header (numaemu/protocol.py):
+a write is stored straight from zmq's buffer; a read reply is a copy of the frames taken
+while the request is served (zmq sends it later, from another thread, and the frames may
+change meanwhile), handed to zmq without another copy.
+
+A copy from a node whose segment this one cannot map (another host, or the cluster's
+``data_path="remote"``) fetches the frames from that node's data service (``_fetch``).
+While it waits, the loop keeps serving its own data endpoint and the coordinator's pings
+(``Loop.wait_for``): two nodes that fetch from each other at once each serve the other's
+request, and a data service never waits for anything, so no cycle of waits can form.
+
 Frame allocation is next-fit over a free bitmap, so a fresh node hands out
 contiguous runs and copies of runs become slice copies.
 """
@@ -37,6 +48,7 @@ from numaemu import protocol as P
 from numaemu.errors import ClusterError
 from numaemu.keys import find as find_keys
 from numaemu.protocol import ProtocolError
+from numaemu.transport import recv_frames, send_frames
 
 from .segment import Segment, load_frames, store_frames
 
@@ -44,15 +56,20 @@ log = logging.getLogger("numaemu.node")
 
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 5.0
-#: How long a copy waits for another host's node to send frames (the loop is blocked
-#: meanwhile, so this stays well under the coordinator's node lease).
-FETCH_TIMEOUT = 1.0
+#: How long a copy waits for each message's worth of frames from another node's data
+#: service (the loop keeps serving meanwhile; the coordinator's copy_in call waits 30 s).
+FETCH_TIMEOUT = 2.0
 
 NUMASTAT_KEYS = ("numa_hit", "numa_miss", "numa_foreign", "interleave_hit", "local_node",
                  "other_node")
 
 #: What the data endpoint serves: frame contents, nothing that changes the node's state.
 DATA_OPS = frozenset({"read_frames", "write_frames", "read_elements", "write_elements", "ping"})
+#: Counters of the copy engine (seed step 12), in ``node_stats``: frames copied in from a
+#: mapped peer segment, frames fetched from a peer's data service, fetches that failed,
+#: and data requests this node served while one of its own fetches waited.
+COPY_KEYS = ("frames_copied_mapped", "frames_fetched", "fetch_failures",
+             "served_during_fetch")
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -116,14 +133,26 @@ class FrameAllocator:
 class Node:
     """The node process's state and request handlers."""
 
-    def __init__(self, node: int, segment: Segment) -> None:
+    def __init__(self, node: int, segment: Segment, data_path: str = "auto") -> None:
         self.node = node
         self.segment = segment
         self.frames = segment.array
         self.allocator = FrameAllocator(segment.frames)
         self.numastat = dict.fromkeys(NUMASTAT_KEYS, 0)
+        self.copy_stats = dict.fromkeys(COPY_KEYS, 0)
         self.keys: str | None = None  # the cluster's key directory (tcp)
+        #: "remote": never map another node's segment, fetch from its data service (the
+        #: cluster's data_path, so that one machine exercises the path of several hosts)
+        self.data_path = data_path
         self.sources: dict[str, Segment] = {}  # other nodes' segments, mapped for copy_in
+        self.ctx: zmq.Context | None = None  # the loop's context, for fetch sockets
+        self.fetchers: dict[str, zmq.Socket] = {}  # DEALERs to other nodes' data services
+        self._fetch_seq = 0
+        self.fetching = 0  # fetches waiting (the loop serves data requests meanwhile)
+        #: Wait until ``sock`` is readable or ``timeout`` seconds passed; True if readable.
+        #: ``serve`` makes this a wait that keeps the loop serving (``Loop.wait_for``).
+        self.wait: Callable[[zmq.Socket, float], bool] = \
+            lambda sock, timeout: bool(sock.poll(timeout * 1000))
         self.injected: dict[str, int] = {}
         self.delayed: dict[str, tuple[int, float]] = {}
         self.handlers: dict[str, Callable] = {
@@ -142,7 +171,11 @@ class Node:
         }
 
     def _check_pfns(self, pfns: np.ndarray) -> None:
-        if len(pfns) and (pfns.min() < 0 or pfns.max() >= self.segment.frames):
+        if len(pfns) == 1:  # (a page's access: numpy's min and max cost more than this)
+            bad = not 0 <= int(pfns[0]) < self.segment.frames
+        else:
+            bad = len(pfns) and (pfns.min() < 0 or pfns.max() >= self.segment.frames)
+        if bad:
             raise P.ProtocolError("frame number out of range")
 
     def alloc(self, req: P.Alloc) -> dict:
@@ -189,6 +222,7 @@ class Node:
         length = total - req.offset if req.length == -1 else req.length
         if not 0 <= req.offset <= total or not 0 <= length <= total - req.offset:
             raise ProtocolError("offset/length outside the frame list")
+        # A copy, taken now: zmq sends it later, and the frames may change meanwhile.
         return {"data": load_frames(self.frames, req.pfns, req.offset, length)}
 
     def write_frames(self, req: P.WriteFrames) -> dict:
@@ -232,7 +266,8 @@ class Node:
         return {}
 
     def copy_in(self, req: P.CopyIn) -> dict:
-        """Seed step 12: copy contents from the source node, as slice copies of common runs."""
+        """Seed step 12: copy contents from the source node, as slice copies of common runs:
+        from its segment when this node maps it, else from its data service (``_fetch``)."""
         self._check_pfns(req.dst_pfns)
         if len(req.src_pfns) != len(req.dst_pfns):
             raise ProtocolError("src_pfns and dst_pfns differ in length")
@@ -241,11 +276,16 @@ class Node:
         src = self._source(req)
         dst = self.frames
         s, d = req.src_pfns.astype(np.int64), req.dst_pfns.astype(np.int64)
-        if src is None and req.src_endpoint.startswith("ipc://"):
+        if src is None and req.src_endpoint.startswith("ipc://") and self.data_path != "remote":
             # Same host, and the segment is gone: the source node died.
             raise _Errno(errno.EIO, f"node {req.src_node}'s memory is gone")
-        if src is None:  # another host: fetch the contents from the source's data service
-            dst[d] = np.frombuffer(self._fetch(req), dtype=np.uint8).reshape(len(d), -1)
+        if src is None:  # another host (or forced): from the source's data service
+            try:
+                self._fetch(req, s, d)
+            except _Errno:
+                self.copy_stats["fetch_failures"] += 1
+                raise
+            self.copy_stats["frames_fetched"] += len(d)
             return {}
         if s.max() >= len(src) or s.min() < 0:
             raise ProtocolError("source frame number out of range")
@@ -255,9 +295,12 @@ class Node:
         for a, b in zip(starts, ends):
             s0, d0 = int(s[a]), int(d[a])
             dst[d0 : d0 + b - a] = src[s0 : s0 + b - a]
+        self.copy_stats["frames_copied_mapped"] += len(d)
         return {}
 
     def _source(self, req: P.CopyIn):
+        if self.data_path == "remote":
+            return None
         seg = self.sources.get(req.src_path)
         if seg is None:
             try:
@@ -269,32 +312,68 @@ class Node:
             self.sources[req.src_path] = seg
         return seg.array
 
-    def _fetch(self, req: P.CopyIn) -> bytes:
-        """The source frames' contents from the source node's data service, one message's
-        worth (``P.MAX_FRAME_DATA``) at a time."""
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        parts = []
-        step = P.frames_per_message(self.segment.page_size)
+    def _fetch(self, req: P.CopyIn, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy the source frames ``src`` into this node's frames ``dst`` from the source
+        node's data service: one ``read_frames`` per message's worth (``P.MAX_FRAME_DATA``),
+        all sent at once; each reply's data frame is stored straight from zmq's buffer.
+
+        The wait (``self.wait``) keeps the loop serving this node's data endpoint: a node
+        that fetches from this one at the same time gets its frames (docstring).  The
+        destination frames are new pages (seed step 3): nobody maps them, so a request
+        served meanwhile cannot touch them."""
+        sock = self._fetcher(req)
+        ps, step = self.segment.page_size, P.frames_per_message(self.segment.page_size)
+        pending: dict[int, tuple[int, int]] = {}
+        for lo in range(0, len(src), step):
+            hi = min(lo + step, len(src))
+            self._fetch_seq += 1
+            send_frames(sock, P.message_frames(
+                P.ReadFrames(pfns=src[lo:hi].astype(P.PFN, copy=False)), self._fetch_seq))
+            pending[self._fetch_seq] = (lo, hi)
+        self.fetching += 1
         try:
-            try:
-                curve = find_keys(req.src_endpoint, self.keys)
-            except ClusterError as exc:
-                raise _Errno(errno.EIO, str(exc)) from None
-            if curve is not None:
-                curve.client(sock)
-            sock.connect(req.src_endpoint)
-            for seq, lo in enumerate(range(0, len(req.src_pfns), step), 1):
-                sock.send(P.encode_request(P.ReadFrames(pfns=req.src_pfns[lo : lo + step]), seq))
-                if not sock.poll(FETCH_TIMEOUT * 1000):
+            while pending:
+                if not self.wait(sock, FETCH_TIMEOUT):
                     raise _Errno(errno.EIO, f"node {req.src_node} did not send its frames")
-                reply = P.unpack(sock.recv())
-                if not reply.get("ok") or reply.get("re") != seq:
-                    raise _Errno(errno.EIO, f"node {req.src_node}: {reply.get('error')}")
-                parts.append(reply["data"])
+                frames = recv_frames(sock)
+                try:
+                    obj, data = P.unpack_message(frames)
+                except ProtocolError as exc:
+                    raise _Errno(errno.EIO, f"node {req.src_node}: {exc}") from None
+                seq = obj.get("re")
+                piece = pending.pop(seq, None) if type(seq) is int else None
+                if piece is None:
+                    continue  # a late reply to a fetch that gave up
+                lo, hi = piece
+                if not obj.get("ok") or data is None or len(data) != (hi - lo) * ps:
+                    raise _Errno(errno.EIO, f"node {req.src_node}: "
+                                            f"{obj.get('error', 'a reply without its frames')}")
+                rows = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, ps)
+                d0 = int(dst[lo])
+                if int(dst[hi - 1]) - d0 == hi - lo - 1 and \
+                        not np.count_nonzero(np.diff(dst[lo:hi]) != 1):
+                    self.frames[d0 : d0 + hi - lo] = rows
+                else:
+                    self.frames[dst[lo:hi]] = rows
         finally:
-            sock.close(0)
-        return b"".join(parts)
+            self.fetching -= 1
+
+    def _fetcher(self, req: P.CopyIn) -> zmq.Socket:
+        """A DEALER connected to the source node's data service (kept for later copies)."""
+        sock = self.fetchers.get(req.src_endpoint)
+        if sock is not None:
+            return sock
+        try:
+            curve = find_keys(req.src_endpoint, self.keys)
+        except ClusterError as exc:
+            raise _Errno(errno.EIO, str(exc)) from None
+        sock = (self.ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.client(sock)
+        sock.connect(req.src_endpoint)
+        self.fetchers[req.src_endpoint] = sock
+        return sock
 
     def inject(self, req: P.Inject) -> dict:
         if req.request not in self.handlers or req.count < 0 or not 0 <= req.delay <= 10:
@@ -318,6 +397,7 @@ class Node:
             "frames": self.segment.frames,
             "free": self.allocator.nr_free,
             "numastat": dict(self.numastat),
+            "copy": dict(self.copy_stats),
         }
 
     def delay_for(self, op: str | None) -> float:
@@ -329,17 +409,18 @@ class Node:
             self.delayed[op] = (count - 1, delay)
         return delay
 
-    def handle(self, raw: bytes, ops: frozenset[str] | None = None) -> bytes | None:
-        """Answer one request; a malformed one gets an error reply, never an exception.
+    def handle(self, frames: list, ops: frozenset[str] | None = None) -> list | None:
+        """Answer one request (its frames: header and data frame, if any) with the frames of
+        the reply; a malformed one gets an error reply, never an exception.
 
         ``ops``: the requests this connection may make (None: all, the coordinator's);
         others get EPERM and change nothing."""
         obj: dict = {}
         try:
-            obj = P.unpack(raw)
+            obj = P.unpack(frames[0])
             if "re" in obj:  # a reply (to our register): not expected here
                 return None
-            req = P.decode_request(obj)
+            req = P.decode_request(obj, P.data_frame(obj, frames))
             if ops is not None and req.op not in ops:
                 raise _Errno(errno.EPERM, f"{req.op} is not served on the data endpoint")
             handler = self.handlers.get(req.op)
@@ -348,31 +429,134 @@ class Node:
             if self.injected.get(req.op):
                 self.injected[req.op] -= 1
                 raise _Errno(errno.EIO, f"injected failure of {req.op}")
-            return P.ok_reply(obj.get("seq"), **handler(req))
+            out = handler(req)
+            if "data" in out:
+                return P.data_reply(obj.get("seq"), out["data"])
+            return [P.ok_reply(obj.get("seq"), **out)]
         except _Errno as exc:
-            return P.error_reply(obj.get("seq"), exc.errno, exc.strerror)
+            return [P.error_reply(obj.get("seq"), exc.errno, exc.strerror)]
         except ProtocolError as exc:
             log.warning("node %d: bad request: %s", self.node, exc)
-            return P.protocol_error_reply(obj, exc)
+            return [P.protocol_error_reply(obj, exc)]
         except Exception as exc:  # a handler bug must not kill the node
             log.exception("node %d: request failed", self.node)
-            return P.error_reply(obj.get("seq"), errno.EIO, f"node error: {exc}")
+            return [P.error_reply(obj.get("seq"), errno.EIO, f"node error: {exc}")]
 
 
 class _Errno(OSError):
     pass
 
 
+class Loop:
+    """The node's socket loop: the coordinator's connection (``ctrl``, a DEALER) and the data
+    endpoint (``data``, a ROUTER), served from this one thread.
+
+    Requests from the coordinator are served in order.  An injected delay holds that queue
+    (``held``), not the loop; a copy that fetches from another node's data service waits
+    in ``wait_for``, which goes on answering pings (a slow node is not a dead one) and
+    serving the data endpoint (two nodes fetching from each other both get their frames),
+    while the coordinator's other requests queue behind the copy."""
+
+    def __init__(self, state: Node, ctrl: zmq.Socket, data: zmq.Socket) -> None:
+        self.state, self.ctrl, self.data = state, ctrl, data
+        self.poller = zmq.Poller()
+        self.poller.register(ctrl, zmq.POLLIN)
+        self.poller.register(data, zmq.POLLIN)
+        self.held: deque[list] = deque()  # [frames, op, delay already taken]
+        self.hold_until = 0.0
+        self.last_heard = time.monotonic()
+        self.stop: list[str] = []
+        state.wait = self.wait_for
+
+    def run(self) -> None:
+        """Serve until told to exit or orphaned (no heartbeat from the coordinator)."""
+        while not self.stop:
+            wait = HEARTBEAT_INTERVAL
+            if self.held:
+                wait = max(0.0, min(wait, self.hold_until - time.monotonic()))
+            self.turn(self.poller, wait)
+            self.serve_held()
+            if time.monotonic() - self.last_heard > HEARTBEAT_TIMEOUT:
+                log.error("node %d: no heartbeat from the coordinator for %.1f s; exiting",
+                          self.state.node, HEARTBEAT_TIMEOUT)
+                return
+        log.info("node %d stopping (%s)", self.state.node, self.stop[0])
+
+    def turn(self, poller: zmq.Poller, timeout: float) -> dict:
+        """Wait up to ``timeout`` seconds, then take one message from each socket that has
+        one: serve a data request, answer a ping, queue the coordinator's other requests.
+        Returns the poll's events."""
+        events = dict(poller.poll(timeout * 1000))
+        if self.ctrl in events:
+            self.on_ctrl()
+        if self.data in events:
+            self.on_data()
+        return events
+
+    def wait_for(self, sock: zmq.Socket, timeout: float) -> bool:
+        """Serve (``turn``) until ``sock`` is readable (True) or ``timeout`` seconds passed."""
+        poller = zmq.Poller()
+        poller.register(self.ctrl, zmq.POLLIN)
+        poller.register(self.data, zmq.POLLIN)
+        poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            if sock in self.turn(poller, max(0.0, deadline - time.monotonic())):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def on_ctrl(self) -> None:
+        frames = recv_frames(self.ctrl)
+        self.last_heard = time.monotonic()
+        op = _peek_op(frames[0])
+        if op == "exit":
+            self.stop.append("exit request")
+        elif op == "ping":
+            self.ctrl.send(P.ok_reply(0))
+        else:
+            self.held.append([frames, op, False])
+
+    def serve_held(self) -> None:
+        """Serve the coordinator's queued requests whose (injected) delay is over."""
+        held = self.held
+        while held and not self.stop and time.monotonic() >= self.hold_until:
+            entry = held[0]
+            if not entry[2]:
+                entry[2] = True
+                delay = self.state.delay_for(entry[1])
+                if delay:
+                    self.hold_until = time.monotonic() + delay
+                    return
+            held.popleft()
+            out = self.state.handle(entry[0])
+            if out is not None:
+                send_frames(self.ctrl, out)
+
+    def on_data(self) -> None:
+        # The request is decoded from zmq's buffers, a write stored straight from them.
+        frames = recv_frames(self.data)
+        if len(frames) < 2:  # (a ROUTER puts the routing id first: never less than 2)
+            return
+        out = self.state.handle(frames[1:], DATA_OPS)
+        if self.state.fetching:
+            self.state.copy_stats["served_during_fetch"] += 1
+        if out is not None:
+            send_frames(self.data, [frames[0], *out])
+
+
 def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
-          keys: str | None = None) -> None:
+          keys: str | None = None, data_path: str = "auto") -> None:
     """Register with the coordinator and answer requests until told to exit or orphaned.
 
     On tcp every socket authenticates with the cluster's CURVE keys (numaemu/keys.py): the
     node is a client of the coordinator and of other nodes, and serves its data endpoint
-    only to peers holding the cluster's client credential."""
-    state = Node(node, segment)
+    only to peers holding the cluster's client credential.  ``data_path`` "remote": copies
+    from other nodes always go through their data services (``Node.data_path``)."""
+    state = Node(node, segment, data_path)
     state.keys = keys
     ctx = zmq.Context()
+    state.ctx = ctx
     auth = None
     ctrl = ctx.socket(zmq.DEALER)
     ctrl.setsockopt(zmq.LINGER, 0)
@@ -382,6 +566,7 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
     ctrl.connect(coordinator)
     data = ctx.socket(zmq.ROUTER)
     data.setsockopt(zmq.LINGER, 0)
+    # Per frame (libzmq's limit): a data frame or a header, each at most a message's worth.
     data.setsockopt(zmq.MAXMSGSIZE, P.max_frame_message(segment.page_size))
     data_keys = find_keys(data_endpoint, keys)
     if data_keys is not None:
@@ -389,10 +574,10 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         data_keys.server(data)
     data.bind(data_endpoint)
     data_endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)  # the real port of "tcp://h:*"
-    stop = []
+    loop = Loop(state, ctrl, data)
     # SIGINT is left alone: under ``numaemu up`` Ctrl-C reaches the whole process group, and
     # the coordinator needs its nodes alive to write dirty pages back before it stops them.
-    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop.append("SIGTERM"))
     try:
         ctrl.send(P.encode_request(P.Register(
             node=node, path=segment.path, frames=segment.frames, page_size=segment.page_size,
@@ -404,62 +589,16 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         if not reply.get("ok"):
             log.error("node %d: registration refused: %s", node, reply.get("error"))
             return
-        log.info("node %d up: %d frames of %d bytes in %s", node, segment.frames,
-                 segment.page_size, segment.path)
-        poller = zmq.Poller()
-        poller.register(ctrl, zmq.POLLIN)
-        poller.register(data, zmq.POLLIN)
-        last_heard = time.monotonic()
-        # Requests from the coordinator are served in order; an injected delay holds the
-        # queue (``held``) without blocking the loop, so pings are still answered: a slow
-        # node is not a dead one.
-        held: deque[list] = deque()  # [raw, op, delay already taken]
-        hold_until = 0.0
-        while not stop:
-            wait = HEARTBEAT_INTERVAL
-            if held:
-                wait = max(0.0, min(wait, hold_until - time.monotonic()))
-            events = dict(poller.poll(wait * 1000))
-            if ctrl in events:
-                raw = ctrl.recv()
-                last_heard = time.monotonic()
-                op = _peek_op(raw)
-                if op == "exit":
-                    stop.append("exit request")
-                    break
-                if op == "ping":
-                    ctrl.send(P.ok_reply(0))
-                else:
-                    held.append([raw, op, False])
-            while held and time.monotonic() >= hold_until:
-                entry = held[0]
-                if not entry[2]:
-                    entry[2] = True
-                    delay = state.delay_for(entry[1])
-                    if delay:
-                        hold_until = time.monotonic() + delay
-                        break
-                held.popleft()
-                out = state.handle(entry[0])
-                if out is not None:
-                    ctrl.send(out)
-            if data in events:
-                # Frame contents travel without extra copies: the request is decoded from
-                # zmq's buffer, and a big reply is handed over as it is.
-                ident, raw = _split(data.recv_multipart(copy=False))
-                if ident is not None:
-                    out = state.handle(raw.buffer, DATA_OPS)
-                    if out is not None:
-                        data.send_multipart([ident, out], copy=len(out) < (1 << 16))
-            if time.monotonic() - last_heard > HEARTBEAT_TIMEOUT:
-                log.error("node %d: no heartbeat from the coordinator for %.1f s; exiting",
-                          node, HEARTBEAT_TIMEOUT)
-                break
-        if stop:
-            log.info("node %d stopping (%s)", node, stop[0])
+        log.info("node %d up: %d frames of %d bytes in %s%s", node, segment.frames,
+                 segment.page_size, segment.path,
+                 "; copies through data services" if data_path == "remote" else "")
+        loop.last_heard = time.monotonic()
+        loop.run()
     finally:
         ctrl.close(0)
         data.close(0)
+        for sock in state.fetchers.values():
+            sock.close(0)
         if auth is not None:
             auth.stop()
         ctx.term()
@@ -469,15 +608,9 @@ def serve(node: int, coordinator: str, segment: Segment, data_endpoint: str,
         segment.close()
 
 
-def _peek_op(raw: bytes) -> str | None:
+def _peek_op(header) -> str | None:
     try:
-        obj = P.unpack(raw)
+        obj = P.unpack(header)
     except ProtocolError:
         return None
     return obj.get("op")
-
-
-def _split(frames: list) -> tuple:
-    if len(frames) != 2:
-        return None, None
-    return frames[0], frames[1]

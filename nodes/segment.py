@@ -85,6 +85,8 @@ class Segment:
 
 
 def _consecutive(pfns: np.ndarray) -> bool:
+    if len(pfns) == 1:
+        return True
     first = int(pfns[0])
     return int(pfns[-1]) - first == len(pfns) - 1 and not np.count_nonzero(np.diff(pfns) != 1)
 

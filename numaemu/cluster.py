@@ -67,7 +67,9 @@ class Cluster:
             raise ClusterError(f"launcher must be 'local' or 'ray', not {launcher!r}")
         self.topology = topology if topology is not None else Topology.default()
         #: how its tasks (attached and spawned) reach frames: "auto", "local" or "remote"
-        #: (numaemu/remote.py); None: $NUMAEMU_DATA_PATH, else "auto"
+        #: (numaemu/remote.py); None: $NUMAEMU_DATA_PATH, else "auto".  A cluster started
+        #: with "remote" also has its nodes copy migrated pages through each other's data
+        #: services instead of mapping each other's segments (nodes/node.py).
         self.data_path = data_path_setting(data_path)
         self.log_level = log_level
         self.listen = listen
@@ -133,6 +135,8 @@ class Cluster:
             cmd += ["--launcher", "ray"]
             if self.ray_address:
                 cmd += ["--ray-address", self.ray_address]
+        if self.data_path == "remote":  # the nodes' copies too (numaemu/supervisor.py)
+            cmd += ["--data-path", "remote"]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       start_new_session=True)
         try:
@@ -349,6 +353,16 @@ class Cluster:
                 return {k: t[k] for k in ("numa_preferred_nid", "numa_faults",
                                           "numa_scan_period_ms", "cpu")}
         raise NumaError(3, f"no task with pid {pid}")
+
+    def node_stats(self) -> dict[int, dict]:
+        """Per node: ``frames``, ``free``, ``active``/``inactive`` (LRU sizes), ``offline``,
+        and ``copy``, the copy engine's counters (seed step 12): ``frames_copied_mapped``
+        (from another node's segment, mapped), ``frames_fetched`` (from another node's data
+        service), ``fetch_failures``, ``served_during_fetch`` (data requests this node
+        served while one of its own fetches waited)."""
+        nodes = self._call("numastat")["nodes"]
+        return {int(n): {k: v for k, v in s.items() if k != "numastat"}
+                for n, s in nodes.items()}
 
     def free_frames(self) -> dict[int, int]:
         """Free frames per node."""

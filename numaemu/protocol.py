@@ -19,6 +19,17 @@ a string or list field.  msgpack itself carries no integer outside
 Page lists travel as packed numpy arrays (``Array`` fields: raw bytes of a
 fixed dtype), never as per-page msgpack lists; see
 reference/python-ipc-measurements.md section 3 for why (30-60x cheaper).
+
+Frame contents travel beside the map, not in it: a message is one zmq frame (the msgpack
+map, the *header*) or two (the header and a *data frame*).  A request field annotated
+``DataFrame`` (``write_frames``'s and ``write_elements``' ``data``) is the data frame, and
+the header holds its length under the field's name; a reply with contents
+(``read_frames``, ``read_elements``) is ``{"re": <seq>, "ok": True, "data": <length>}``
+and the bytes.  msgpack then never copies megabytes (packing one costs milliseconds here,
+its buffer grows by reallocation), and either end can hand the bytes to zmq or take them
+from zmq's buffer without a copy.  ``message_frames`` builds a request's frames,
+``unpack_message`` checks a received message's shape: at most one data frame, of the
+length its header says.
 """
 
 from __future__ import annotations
@@ -62,6 +73,14 @@ class Array:
         return f"Array({self.dtype})"
 
 
+class Payload:
+    """Annotation for the field carried as the message's data frame (raw bytes after the
+    header, which holds their length); only a field named ``data``."""
+
+    def __repr__(self) -> str:
+        return "DataFrame"
+
+
 class Range:
     """``Annotated`` metadata: an integer field's bounds (those of a kernel type)."""
 
@@ -96,6 +115,8 @@ PfnArray = Array(PFN)
 NodeArray = Array(NODE)
 StatusArray = Array(STATUS)
 ProtArray = Array(PROT)
+#: A request field whose bytes travel as the data frame (module docstring).
+DataFrame = Payload()
 
 #: Bytes of frame contents one read_frames / write_frames message carries at most: a whole
 #: file's writeback travels as many bounded messages, and the endpoints that carry frame
@@ -114,9 +135,16 @@ def elements_per_message(itemsize: int) -> int:
     return MAX_FRAME_DATA // max(itemsize, PFN.itemsize)
 
 
+#: Room in a header frame beside its biggest field (a message's worth of item positions).
+HEADER_SLACK = 1 << 16
+
+
 def max_frame_message(page_size: int) -> int:
-    """The size limit of an endpoint that carries frame contents (ZMQ_MAXMSGSIZE)."""
-    return 2 * max(MAX_FRAME_DATA, page_size) + (1 << 20)
+    """The size limit of one zmq frame on an endpoint that carries frame contents
+    (ZMQ_MAXMSGSIZE, which libzmq applies per frame): a data frame holds at most
+    ``MAX_FRAME_DATA`` (or one page, if bigger), a header at most a message's worth of
+    item positions (``elements_per_message``) beside a few small fields."""
+    return max(MAX_FRAME_DATA, page_size) + HEADER_SLACK
 
 
 REQUESTS: dict[str, type] = {}
@@ -136,6 +164,11 @@ def request(op: str):
         clash = {"op", "seq", "re"} & {name for name, _, _ in cls._fields}
         if clash:
             raise TypeError(f"{op}: field names {clash} are reserved by the envelope")
+        payload = [name for name, kind, _ in cls._fields if isinstance(kind, Payload)]
+        if payload not in ([], ["data"]):
+            raise TypeError(f"{op}: the data frame is the field 'data', not {payload}")
+        #: the field carried as the data frame ("data"), or None
+        cls._payload = payload[0] if payload else None
         REQUESTS[op] = cls
         return cls
 
@@ -150,6 +183,15 @@ def _check(name: str, kind: Any, value: Any) -> Any:
         if len(value) % kind.dtype.itemsize:
             raise ProtocolError(f"field {name!r} has a partial {kind.dtype} item")
         return np.frombuffer(value, dtype=kind.dtype)
+    if kind is int:  # (the plain kinds first: get_origin costs more than their checks)
+        value = _check_int(name, value)
+        if not INT64.lo <= value <= INT64.hi:
+            raise ProtocolError(f"field {name!r} is out of int64 range")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"field {name!r} must be a bool")
+        return value
     origin = get_origin(kind)
     if origin is Annotated:
         base, *meta = get_args(kind)
@@ -185,15 +227,6 @@ def _check(name: str, kind: Any, value: Any) -> Any:
         return value
     if kind is Any:
         return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ProtocolError(f"field {name!r} must be a bool")
-        return value
-    if kind is int:
-        value = _check_int(name, value)
-        if not INT64.lo <= value <= INT64.hi:
-            raise ProtocolError(f"field {name!r} is out of int64 range")
-        return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProtocolError(f"field {name!r} must be a number")
@@ -221,19 +254,23 @@ def _check_int(name: str, value: Any) -> int:
     return value
 
 
-def _pack_value(value: Any) -> Any:
+def _pack_default(value: Any) -> Any:
+    """What msgpack cannot pack itself: numpy arrays become packed bytes, numpy integers
+    ints, sets sorted lists; anything else is a ``TypeError``."""
     if isinstance(value, np.ndarray):
         return value.tobytes()
-    if isinstance(value, (np.integer,)):
+    if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value)
-    return value
+    if isinstance(value, int):  # (msgpack asks here about an int beyond 64 bits)
+        raise OverflowError(f"integer {value} is out of range")
+    raise TypeError(f"cannot send a {type(value).__name__}")
 
 
 def pack(obj: dict) -> bytes:
     """Encode a message map (numpy arrays become packed bytes)."""
-    return msgpack.packb({k: _pack_value(v) for k, v in obj.items()}, use_bin_type=True)
+    return msgpack.packb(obj, use_bin_type=True, default=_pack_default)
 
 
 def unpack(raw: bytes) -> dict:
@@ -247,23 +284,73 @@ def unpack(raw: bytes) -> dict:
     return obj
 
 
-def encode_request(req: Any, seq: int) -> bytes:
-    """Encode a registered request dataclass instance with its sequence number."""
+def message_frames(req: Any, seq: int) -> list:
+    """A registered request dataclass instance with its sequence number, as the frames of
+    one message: ``[header]``, or ``[header, data]`` for a request with a ``DataFrame``
+    field (its value, any bytes-like object, is sent as it is: no copy here)."""
     body = {"op": req.op, "seq": seq}
+    data = None
     for name, _kind, _field in req._fields:
         body[name] = getattr(req, name)
-    return pack(body)
+    if req._payload is not None:
+        data = body[req._payload]
+        body[req._payload] = data.nbytes if isinstance(data, (memoryview, np.ndarray)) \
+            else len(data)
+        return [pack(body), data]
+    return [pack(body)]
 
 
-def decode_request(obj: dict) -> Any:
-    """Validate an unpacked map as a registered request and build its dataclass."""
+def encode_request(req: Any, seq: int) -> bytes:
+    """A request without a data frame as the one frame of its message."""
+    frames = message_frames(req, seq)
+    if len(frames) != 1:
+        raise TypeError(f"{req.op} carries a data frame: use message_frames")
+    return frames[0]
+
+
+def unpack_message(frames: list) -> tuple[dict, memoryview | None]:
+    """The header map and the data frame (None: none) of a message of one or two frames
+    (bytes-like objects), checked by ``data_frame``."""
+    if not frames:
+        raise ProtocolError("an empty message")
+    obj = unpack(frames[0])
+    return obj, data_frame(obj, frames)
+
+
+def data_frame(header: dict, frames: list) -> memoryview | None:
+    """The data frame of a message whose first frame unpacked to ``header`` (None: it has
+    none).  It needs its length in the header's ``data`` field: a message of more than two
+    frames, or whose data frame is not as long as its header says, is a ``ProtocolError``."""
+    if len(frames) == 1:
+        return None
+    if len(frames) != 2:
+        raise ProtocolError(f"a message of {len(frames)} frames (a header and at most one "
+                            "data frame)")
+    data = memoryview(frames[1])
+    if data.ndim != 1 or data.itemsize != 1:
+        data = data.cast("B")
+    size = header.get("data")
+    if type(size) is not int or size != data.nbytes:
+        raise ProtocolError(f"a data frame of {data.nbytes} bytes, but the header says "
+                            f"{size!r}")
+    return data
+
+
+def decode_request(obj: dict, data: memoryview | None = None) -> Any:
+    """Validate an unpacked map (with its data frame, from ``unpack_message``) as a
+    registered request and build its dataclass."""
     op = obj.get("op")
     cls = REQUESTS.get(op) if isinstance(op, str) else None
     if cls is None:
         raise ProtocolError(f"unknown op {op!r}")
+    if (data is None) != (cls._payload is None):
+        raise ProtocolError(f"{op}: " + ("a data frame it does not take" if data is not None
+                                         else f"no data frame for field {cls._payload!r}"))
     values = {}
     for name, kind, field in cls._fields:
-        if name in obj:
+        if name == cls._payload:
+            values[name] = data  # (its length was checked against the header)
+        elif name in obj:
             values[name] = _check(name, kind, obj[name])
         elif field.default is not dataclasses.MISSING:
             values[name] = field.default
@@ -277,6 +364,13 @@ def decode_request(obj: dict) -> Any:
 def ok_reply(seq: Any, **fields: Any) -> bytes:
     """A success reply to request ``seq``."""
     return pack({"re": seq, "ok": True, **fields})
+
+
+def data_reply(seq: Any, data) -> list:
+    """A success reply carrying ``data`` (any bytes-like object, not copied here) as its
+    data frame: the frames of the message."""
+    size = data.nbytes if isinstance(data, (memoryview, np.ndarray)) else len(data)
+    return [msgpack.packb({"re": seq, "ok": True, "data": size}, use_bin_type=True), data]
 
 
 def error_reply(seq: Any, err: int, message: str) -> bytes:
@@ -592,7 +686,8 @@ class Account:
 class ReadFrames:
     """The contents of ``pfns``, as one byte string of the frames in list order; with
     ``offset``/``length``, only bytes ``[offset, offset + length)`` of it (``length`` -1:
-    to the end).  A client's access of part of a page reads only that part."""
+    to the end).  A client's access of part of a page reads only that part.  Reply: the
+    bytes as its data frame (``data_reply``)."""
 
     pfns: PfnArray
     offset: int = 0
@@ -606,14 +701,15 @@ class WriteFrames:
     the first and last frames is left as it is, so a partial write clobbers nothing."""
 
     pfns: PfnArray
-    data: bytes
+    data: DataFrame
     offset: int = 0
 
 
 @request("read_elements")
 class ReadElements:
     """Items of ``itemsize`` bytes at item positions ``elements`` of the node's memory taken
-    as one array of such items (a client's array gather: numaemu/ndarray.py)."""
+    as one array of such items (a client's array gather: numaemu/ndarray.py).  Reply: the
+    items' bytes as its data frame."""
 
     elements: PfnArray
     itemsize: int
@@ -626,7 +722,7 @@ class WriteElements:
 
     elements: PfnArray
     itemsize: int
-    data: bytes
+    data: DataFrame
 
 
 @request("copy_in")

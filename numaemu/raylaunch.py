@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         from nodes.main import join
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when nodes stop
-        join(spec["coordinator"], spec["node"], spec["data_endpoint"], keys)
+        join(spec["coordinator"], spec["node"], spec["data_endpoint"], keys,
+             data_path=spec.get("data_path", "auto"))
     else:
         raise SystemExit(f"unknown role {role!r}")
     return 0

@@ -18,6 +18,9 @@ What changes against the mapped path, and what does not:
   in access order, as one packed frame list, and their bytes (``offset``/``length`` trim
   the first and last page, so a partial write leaves the rest of its frames alone: a
   read-modify-write of whole pages would lose another client's write to the same page).
+  The bytes travel as a data frame beside the request's or reply's msgpack header
+  (numaemu/protocol.py): a big write is handed to zmq without a copy, and a read is copied
+  once, from zmq's buffer into the result.
   Only an access of more than ``P.MAX_FRAME_DATA`` (16 MiB) to one node takes more
   messages.  All requests are sent, then all replies awaited;
 * the TLB shootdown is unchanged: the access holds the access lock from its TLB lookup
@@ -80,10 +83,17 @@ def read(task, addr: int, n: int) -> bytes:
     ps = task.page_size
     off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
 
-    def attempt():
-        if not task._translated(i0, i1, write=False):
-            return None
-        return transfer(task, i0, i1, off, end, None), task._account(i0, i1, off, end)
+    if i1 - i0 == 1:  # the common case, without the numpy work of many pages
+        def attempt():
+            npfn = task._npfn
+            if i0 >= len(npfn) or npfn[i0] == -1:
+                return None
+            return page(task, i0, off, end, None), task._account(i0, i1, off, end)
+    else:
+        def attempt():
+            if not task._translated(i0, i1, write=False):
+                return None
+            return transfer(task, i0, i1, off, end, None), task._account(i0, i1, off, end)
 
     return task._translated_access(i0, i1, False, attempt)
 
@@ -97,13 +107,55 @@ def write(task, addr: int, data) -> None:
     ps = task.page_size
     off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
 
-    def attempt():
-        if not task._translated(i0, i1, write=True):
-            return None
-        transfer(task, i0, i1, off, end, src)
-        return None, task._account(i0, i1, off, end)
+    if i1 - i0 == 1:
+        def attempt():
+            nwrite = task._nwrite
+            if i0 >= len(nwrite) or not nwrite[i0]:
+                return None
+            page(task, i0, off, end, src)
+            return None, task._account(i0, i1, off, end)
+    else:
+        def attempt():
+            if not task._translated(i0, i1, write=True):
+                return None
+            transfer(task, i0, i1, off, end, src)
+            return None, task._account(i0, i1, off, end)
 
     task._translated_access(i0, i1, True, attempt)
+
+
+def page(task, i: int, off: int, end: int, src: memoryview | None):
+    """``transfer`` of bytes ``[off, end)`` of the page of TLB slot ``i`` (translated; lock
+    held): one request, built without the pieces' numpy work (a 4 KiB access costs a round
+    trip and little more)."""
+    conn = task._links.get(int(task._nnode[i]))
+    if conn is None:  # a node this task maps
+        return transfer(task, i, i + 1, off, end, src)
+    pfns = task._npfn[i : i + 1]
+    if src is None:
+        if pfns[0] == ZERO_PFN:  # the zero page: no frame, zeros
+            return bytes(end - off)
+        req = P.ReadFrames(pfns=pfns, offset=off, length=end - off)
+    else:
+        req = P.WriteFrames(pfns=pfns, data=src, offset=off)
+    started = time.perf_counter()
+    reply = conn.wait(conn.send(req), req.op, timeout=DATA_TIMEOUT)
+    t = task._totals
+    t["data_requests"] += 1
+    t["data_ns"] += (time.perf_counter() - started) * 1e9
+    if src is None:
+        return bytes(_data(reply, end - off, conn))  # the one copy, out of zmq's buffer
+    return None
+
+
+def _data(reply: dict, length: int, conn: Connection) -> memoryview:
+    """A read reply's data frame (zmq's buffer, not copied), checked against the ``length``
+    asked for."""
+    data = reply.get("data")
+    if data is None or len(data) != length:
+        raise ClusterError(f"{conn.peer} answered a read of {length} bytes with "
+                           f"{'none' if data is None else len(data)}")
+    return data
 
 
 def _parts(task, i0: int, i1: int, off: int, end: int, skip_zero: bool):
@@ -153,7 +205,7 @@ def transfer(task, i0: int, i1: int, off: int, end: int, src: memoryview | None)
                 placed.append((c, head, load_frames(segments[nd].array, pfns, head, length)))
             else:
                 req = P.ReadFrames(pfns=pfns, offset=head, length=length)
-                pending.append((conn, conn.send(req), req.op, c, head))
+                pending.append((conn, conn.send(req), req.op, c, head, length))
             continue
         if run:
             start = int(c[0]) * ps + head - off
@@ -168,11 +220,11 @@ def transfer(task, i0: int, i1: int, off: int, end: int, src: memoryview | None)
             store_frames(segments[nd].array, pfns, head, data)
         else:
             req = P.WriteFrames(pfns=pfns, data=data, offset=head)
-            pending.append((conn, conn.send(req), req.op, c, head))
-    for conn, seq, op, c, head in pending:
+            pending.append((conn, conn.send(req), req.op, c, head, length))
+    for conn, seq, op, c, head, length in pending:
         reply = conn.wait(seq, op, timeout=DATA_TIMEOUT)
-        if src is None:
-            placed.append((c, head, reply["data"]))
+        if src is None:  # zmq's buffer: copied once, into the result
+            placed.append((c, head, _data(reply, length, conn)))
     if pending:
         t = task._totals
         t["data_requests"] += len(pending)
@@ -197,8 +249,8 @@ def transfer(task, i0: int, i1: int, off: int, end: int, src: memoryview | None)
 def elements(task, node: int, elem: np.ndarray, itemsize: int, data: np.ndarray | None = None):
     """Send an array gather (``data`` None) or scatter of items at positions ``elem`` of
     node ``node``'s memory (as items of ``itemsize`` bytes); lock held.  Returns a function
-    that waits for the replies and, for a gather, returns the items' bytes: the caller sends
-    to every node before it waits."""
+    that waits for the replies and, for a gather, returns the items' bytes (a bytes-like
+    object): the caller sends to every node before it waits."""
     conn = task._links[node]
     step = P.elements_per_message(itemsize)
     pending = []
@@ -219,8 +271,8 @@ def elements(task, node: int, elem: np.ndarray, itemsize: int, data: np.ndarray 
         t = task._totals
         t["data_requests"] += len(pending)
         t["data_ns"] += (time.perf_counter() - started) * 1e9
-        if data is None:
-            return b"".join(r["data"] for r in out)
+        if data is None:  # one message: zmq's buffer, for the caller to copy where it goes
+            return out[0]["data"] if len(out) == 1 else b"".join(r["data"] for r in out)
         return None
 
     return finish

@@ -57,12 +57,13 @@ def _coordinator_main(topology_dict: dict, cluster_id: str, endpoints: dict, sup
 
 
 def _node_main(node: int, coordinator: str, cluster_id: str, frames: int, page_size: int,
-               data_endpoint: str, keys: str | None) -> None:
+               data_endpoint: str, keys: str | None, data_path: str) -> None:
     numaemu_log.set_where("node", node)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when nodes stop
     from nodes import run_node
 
-    run_node(node, coordinator, cluster_id, frames, page_size, data_endpoint, keys=keys)
+    run_node(node, coordinator, cluster_id, frames, page_size, data_endpoint, keys=keys,
+             data_path=data_path)
 
 
 def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
@@ -89,7 +90,8 @@ def setup_logging(level: str, log_path: str, *, stderr: bool = True) -> None:
 def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | None = None,
               watch_stdin: bool = False, ready_out=None, stderr_logs: bool = True,
               inject_delays: float | None = None, launcher: str = "local",
-              ray_address: str | None = None, external_nodes: Sequence[int] = ()) -> int:
+              ray_address: str | None = None, external_nodes: Sequence[int] = (),
+              data_path: str = "auto") -> int:
     """Run a cluster until told to stop; return the exit status.
 
     ``launcher="local"`` forks the coordinator and the nodes here, except
@@ -97,7 +99,9 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
     ``{"waiting": [...], "address": ...}`` tells the launcher how to reach the cluster
     meanwhile, and the wait has no deadline); ``"ray"`` makes this process a Ray driver
     whose actors own them, on the Ray cluster's hosts (numaemu/raylaunch.py).  A Ray
-    cluster is always served on tcp, with CURVE keys."""
+    cluster is always served on tcp, with CURVE keys.  ``data_path`` "remote": nodes copy
+    pages from each other through their data services, never by mapping each other's
+    segments (what nodes on different hosts do), so one machine runs that path."""
     external = sorted(set(external_nodes))
     sweep_leftovers()
     if launcher == "ray":
@@ -133,9 +137,11 @@ def supervise(topology: Topology, *, log_level: str = "WARNING", listen: str | N
         if launcher == "ray":
             collector = numaemu_log.Collector(endpoints["log"], keys)
             collector.start_and_wait()
-            placement = _start_on_ray(topology, run, endpoints, inject_delays, keys_dir, procs)
+            placement = _start_on_ray(topology, run, endpoints, inject_delays, keys_dir, procs,
+                                      data_path)
         else:
-            _fork(topology, run, endpoints, inject_delays, keys_dir, procs, external)
+            _fork(topology, run, endpoints, inject_delays, keys_dir, procs, external,
+                  data_path)
             # Only now may this process create zmq sockets and threads.
             collector = numaemu_log.Collector(endpoints["log"], keys)
             collector.start_and_wait()
@@ -196,7 +202,8 @@ def _announce(ready_out, message: dict) -> None:
 
 
 def _fork(topology: Topology, run: RunDir, endpoints: dict, inject: float | None,
-          keys_dir: str | None, procs: dict, external: Sequence[int] = ()) -> None:
+          keys_dir: str | None, procs: dict, external: Sequence[int] = (),
+          data_path: str = "auto") -> None:
     """Fork the coordinator and one process per node but the ``external`` ones
     (``launcher="local"``)."""
     ctx = multiprocessing.get_context("fork")
@@ -210,12 +217,12 @@ def _fork(topology: Topology, run: RunDir, endpoints: dict, inject: float | None
         procs[f"node{node}"] = ctx.Process(
             target=_node_main, name=f"numaemu-node{node}",
             args=(node, endpoints["nodes"], run.cluster_id, topology.frames_per_node[node],
-                  topology.page_size, run.node_data_endpoint(node), keys_dir))
+                  topology.page_size, run.node_data_endpoint(node), keys_dir, data_path))
         procs[f"node{node}"].start()
 
 
 def _start_on_ray(topology: Topology, run: RunDir, endpoints: dict, inject: float | None,
-                  keys_dir: str, procs: dict):
+                  keys_dir: str, procs: dict, data_path: str = "auto"):
     """Start the coordinator next to this process and the nodes where the placement says,
     each owned by a Ray actor (``launcher="ray"``); the nodes' placement group."""
     from . import raylaunch
@@ -234,7 +241,8 @@ def _start_on_ray(topology: Topology, run: RunDir, endpoints: dict, inject: floa
         for node in topology.nodes:  # all started at once, then waited for
             procs[f"node{node}"] = raylaunch.ActorProcess(
                 f"{cid}-node{node}", "node",
-                {"node": node, "coordinator": endpoints["rpc"], "cluster_id": cid},
+                {"node": node, "coordinator": endpoints["rpc"], "cluster_id": cid,
+                 "data_path": data_path},
                 server_keys, strategies[node], memory[node])
             procs[f"node{node}"].launch()
         for node in topology.nodes:
@@ -343,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=("local", "ray"), default="local")
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--external-nodes", default="", help="comma-separated node ids")
+    parser.add_argument("--data-path", choices=("auto", "local", "remote"), default="auto")
     args = parser.parse_args(argv)
     topology = Topology.from_dict(json.loads(args.topology))
     ready_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -353,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                      watch_stdin=args.watch_stdin, ready_out=ready_out,
                      stderr_logs=not args.no_stderr, inject_delays=args.inject_delays,
                      launcher=args.launcher, ray_address=args.ray_address,
-                     external_nodes=[int(n) for n in args.external_nodes.split(",") if n])
+                     external_nodes=[int(n) for n in args.external_nodes.split(",") if n],
+                     data_path=args.data_path)
 
 
 if __name__ == "__main__":

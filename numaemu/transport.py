@@ -39,6 +39,29 @@ _ctx_pid = None
 _ctx: zmq.Context | None = None
 
 
+def send_frames(sock: zmq.Socket, frames: list) -> None:
+    """Send the frames of one message; big ones without a copy (zmq keeps a reference to
+    the object until it has sent it)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _SNDMORE if i < last else 0, copy=len(frame) < COPY_THRESHOLD)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
+    """The frames of the next message (``zmq.Frame``s: zmq's buffers, not copied).  Cheaper
+    than ``recv_multipart``, which reads the RCVMORE option through pyzmq's enums per
+    frame; a frame received without a copy knows whether more follow."""
+    frame = sock.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(copy=False)
+        frames.append(frame)
+    return frames
+
+
+_SNDMORE = int(zmq.SNDMORE)
+
+
 def context() -> zmq.Context:
     """This process's zmq context (a fresh one after a fork)."""
     global _ctx, _ctx_pid
@@ -69,6 +92,8 @@ class Connection:
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
+        # A receive waits at most one slice, then the monitor is read (``wait``).
+        self.sock.setsockopt(zmq.RCVTIMEO, POLL_SLICE_MS)
         self.monitor = self.sock.get_monitor_socket(
             zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
             | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -123,35 +148,52 @@ class Connection:
         """Send request ``req`` without waiting; its sequence number, for ``wait``."""
         if self.sock is None:
             raise ClusterError("connection is closed")
-        self._check_alive(req.op)
+        if not self.connected:  # (later, ``wait`` reads the monitor between its slices)
+            self._check_alive(req.op)
         seq = next(self._seq)
         try:
-            raw = P.encode_request(req, seq)
+            frames = P.message_frames(req, seq)
         except (TypeError, ValueError, OverflowError) as exc:
             # A value msgpack cannot carry (an int beyond 64 bits, text that is no UTF-8):
             # the call fails as the kernel fails arguments its types cannot hold.
             raise NumaError(errno.EINVAL, f"{req.op}: an argument cannot be sent ({exc})") \
                 from None
-        self.sock.send(raw, copy=len(raw) < COPY_THRESHOLD)
+        # A big data frame goes without a copy: zmq holds the caller's buffer until it has
+        # sent it, and the reply, which the caller waits for, comes after that.
+        send_frames(self.sock, frames)
         return seq
 
     def wait(self, seq: int, op: str, *, timeout: float = REQUEST_TIMEOUT) -> dict:
         """The reply to request ``seq`` (replies to earlier, abandoned requests are
-        dropped); error replies raise ``NumaError``."""
+        dropped); error replies raise ``NumaError``.  A reply's data frame (frame contents)
+        is its ``data``, a memoryview of zmq's buffer."""
         deadline = time.monotonic() + timeout
-        poll = self.sock.poll  # the monitor is read between slices (_check_alive)
+        sock = self.sock
         while True:
-            if poll(min(POLL_SLICE_MS, max(1, (deadline - time.monotonic()) * 1000))):
-                reply = P.unpack(self.sock.recv(copy=False).buffer)
-                if reply.get("re") != seq:
-                    continue  # a late reply to an abandoned request
-                if not reply.get("ok"):
-                    raise NumaError(reply.get("errno", 5), reply.get("error"))
-                return reply
-            self._check_alive(op)
-            if time.monotonic() > deadline:
-                raise ClusterError(f"no reply to {op} from {self.peer} at {self.address} "
-                                   f"in {timeout} s")
+            try:
+                # Not copied: a data frame stays in zmq's buffer until the caller copies it
+                # where it belongs.  (RCVTIMEO: at most one slice.)
+                frames = recv_frames(sock)
+            except zmq.Again:
+                self._check_alive(op)
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"no reply to {op} from {self.peer} at {self.address} "
+                                       f"in {timeout} s") from None
+                continue
+            try:
+                reply, data = P.unpack_message(frames)
+            except P.ProtocolError as exc:
+                raise ClusterError(f"{self.peer} at {self.address} sent a malformed "
+                                   f"reply to {op}: {exc}") from None
+            if not self.connected:  # (so that ``send`` stops reading the monitor)
+                self._drain_monitor()
+            if reply.get("re") != seq:
+                continue  # a late reply to an abandoned request
+            if not reply.get("ok"):
+                raise NumaError(reply.get("errno", 5), reply.get("error"))
+            if data is not None:
+                reply["data"] = data  # a memoryview of the data frame
+            return reply
 
     def close(self) -> None:
         if self.sock is not None:

@@ -50,7 +50,12 @@ def exchange(endpoint: str, payload: bytes, keys: Keys | None, timeout_ms: int =
             keys.client(sock)
         sock.connect(endpoint)
         sock.send(payload)
-        return P.unpack(sock.recv()) if sock.poll(timeout_ms) else None
+        if not sock.poll(timeout_ms):
+            return None
+        reply, data = P.unpack_message(sock.recv_multipart())
+        if data is not None:  # frame contents come as a data frame beside the header
+            reply["data"] = bytes(data)
+        return reply
     finally:
         sock.close(0)
 
@@ -109,3 +114,23 @@ def test_the_cli_takes_the_keys_from_the_flag(tcp_cluster, capsys, no_env_keys, 
     assert cli_main(["--address", address, "--keys", tcp_cluster.keys, "hardware"]) == 0
     assert "available: 2 nodes" in capsys.readouterr().out
     monkeypatch.delenv(KEYS_ENV, raising=False)  # the flag set it for this process
+
+
+def test_nodes_fetch_from_each_other_over_curve(no_env_keys):
+    """On tcp with the remote path forced, a node copies a migrating page from the other's
+    data service as a CURVE client holding the cluster's credential; the task on the remote
+    path reaches both data services the same way."""
+    port = free_port_block()
+    with numaemu.Cluster(small_topology(frames=FRAMES), listen=f"tcp://127.0.0.1:{port}",
+                         data_path="remote") as c:
+        t = c.attach(cpu=0)
+        m = t.mmap(4 * 4096)
+        t.write(m.addr, SECRET * 512)
+        assert t.move_pages(m.pages) == [0] * 4
+        assert t.move_pages(m.pages, [1] * 4) == [1] * 4
+        assert t.read(m.addr, 4 * 4096) == SECRET * 512
+        assert c.node_stats()[1]["copy"]["frames_fetched"] == 4
+        assert c.node_stats()[1]["copy"]["frames_copied_mapped"] == 0
+        t.close()
+        assert c.check() == []
+    assert cluster_is_gone(c.cluster_id)

@@ -10,9 +10,15 @@
     messages.  A request gets an ok or an errno reply (never the generic "coordinator
     error"), the coordinator keeps answering ``ping``, and an observer task's state and
     the invariants are unchanged.
+(c) A raw DEALER sends a node's data endpoint arbitrary multipart messages: a header
+    (data ops with random fields, other ops, junk) with or without a data frame, whose
+    length the header may state wrongly, and extra frames.  Each gets at most one reply,
+    ok or EINVAL/EPERM (never the generic "node error"); the node keeps answering
+    ``ping``; and its memory changes only under a write that was answered ok.
 
-Both run on a cluster of their own (module scope): a call that succeeds by chance (a
-mapping, a pin, a shared object) must not leak into the session's ``cluster``.
+They run on clusters of their own (module scope): a call that succeeds by chance (a
+mapping, a pin, a shared object, a write into a free frame) must not leak into the
+session's ``cluster``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from hypothesis import strategies as st
 
 import numaemu
 from coordinator.syscalls import Syscalls
+from nodes.node import DATA_OPS
 from numaemu import MAX_NUMNODES, MPOL_BIND, MPOL_INTERLEAVE, NumaError
 from numaemu import protocol as P
 from numaemu.constants import TASK_SIZE
@@ -366,4 +373,138 @@ def test_wire_messages_get_errno_replies_and_change_nothing(cluster, wire, data)
             assert "coordinator error" not in reply.get("error", ""), reply
             event(f"{kind}: {errno.errorcode.get(reply['errno'], reply['errno'])}")
     assert wire["observe"]() == wire["before"]
+    assert cluster.check() == []
+
+
+# -- (c) a node's data endpoint ---------------------------------------------------------------
+
+DATA_FRAMES = 64  # node frames of the data-endpoint cluster: a snapshot is 256 KiB
+WRITES = {"write_frames", "write_elements"}
+pfn_values = st.one_of(st.integers(0, DATA_FRAMES - 1), st.integers(0, DATA_FRAMES - 1),
+                       st.integers(-2, DATA_FRAMES + 2), st.integers(-(2**63), 2**63 - 1))
+#: Page or item positions as packed <i8 (mostly valid), sometimes with a partial item.
+positions = mostly(st.lists(pfn_values, max_size=4).map(
+    lambda xs: np.array(xs, dtype="<i8").tobytes()), st.binary(max_size=20))
+itemsizes = st.one_of(st.sampled_from([1, 2, 4, 8, 16, PS]), WIRE_INT)
+
+
+@st.composite
+def _sane_data_request(draw):
+    """A data request that a node would serve: (op, header map, data frame or None)."""
+    op = draw(st.sampled_from(sorted(DATA_OPS)))
+    header = {"op": op, "seq": draw(st.integers(1, 10**6))}
+    k = draw(st.integers(1, 3))
+    header["pfns" if op.endswith("frames") else "elements"] = np.array(
+        draw(st.lists(st.integers(0, DATA_FRAMES - 1), min_size=k, max_size=k)),
+        dtype="<i8").tobytes()
+    data = None
+    if op == "read_frames":
+        header["offset"] = draw(st.integers(0, PS - 1))
+    elif op == "write_frames":
+        offset = draw(st.integers(0, PS - 1))
+        header["offset"] = offset
+        data = draw(st.binary(min_size=max(0, (k - 1) * PS - offset + 1),
+                              max_size=k * PS - offset))
+    elif op.endswith("elements"):
+        itemsize = draw(st.sampled_from([1, 8, 64]))
+        header["itemsize"] = itemsize
+        if op == "write_elements":
+            data = draw(st.binary(min_size=k * itemsize, max_size=k * itemsize))
+    if data is not None:
+        header["data"] = len(data)
+    return op, header, data
+
+
+@st.composite
+def _data_messages(draw):
+    """(op, frames): a data-endpoint message: a sane request, maybe broken in one place,
+    or anything at all."""
+    op, header, data = draw(_sane_data_request())
+    how = draw(st.sampled_from(["as is", "as is", "field", "length", "no data", "data",
+                                "extra", "junk", "other op", "reply"]))
+    if how == "field":  # one field gets a random value, or goes
+        name = draw(st.sampled_from(sorted(set(header) - {"op", "seq"})))
+        if draw(st.booleans()):
+            del header[name]
+        else:
+            header[name] = draw(st.one_of(positions, itemsizes, WIRE_INT, wire_junk))
+    elif how == "length":  # the header states another length
+        header["data"] = draw(st.one_of(WIRE_INT, wire_junk).filter(
+            lambda v: v != len(data or b"")))
+    elif how == "no data":
+        data = None
+    elif how == "data":  # a data frame, of any length (a read takes none)
+        data = draw(st.binary(max_size=3 * PS))
+        if draw(st.booleans()):
+            header["data"] = len(data)
+    elif how == "other op":
+        op = header["op"] = draw(st.sampled_from(
+            ["alloc", "free", "copy_in", "inject", "exit", "node_stats", "nope"]))
+    elif how == "reply":
+        header["re"] = 1  # dropped
+    first = _pack(header)
+    if how == "junk":
+        first = draw(st.one_of(st.binary(max_size=32), wire_junk.map(_pack)))
+    frames = [first] + ([data] if data is not None else [])
+    if how == "extra":
+        frames += draw(st.lists(st.binary(max_size=16), min_size=1, max_size=3))
+    return f"{op} {how}", frames
+
+
+@pytest.fixture(scope="module")
+def data_endpoint():
+    """Node 0's data endpoint on a small cluster of this test's own, and a raw DEALER."""
+    with numaemu.Cluster(small_topology(frames=DATA_FRAMES)) as c:
+        endpoint = c._call("info")["segments"][0]["data_endpoint"]
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        try:
+            yield c, sock
+        finally:
+            sock.close(0)
+    assert cluster_is_gone(c.cluster_id)
+
+
+def _node_memory(sock) -> bytes:
+    sock.send(P.encode_request(P.ReadFrames(pfns=np.arange(DATA_FRAMES, dtype=P.PFN)), 1))
+    assert sock.poll(10000), "the node stopped serving"
+    reply, data = P.unpack_message(sock.recv_multipart())
+    assert reply["ok"] and data is not None and len(data) == DATA_FRAMES * PS
+    return bytes(data)
+
+
+@FUZZ
+@given(message=_data_messages())
+def test_data_endpoint_messages_get_errno_replies_and_change_nothing(data_endpoint, message):
+    cluster, sock = data_endpoint
+    what, frames = message
+    op = what.split()[0]
+    before = _node_memory(sock)
+    sock.send_multipart(frames)
+    sock.send(_pack({"op": "ping", "seq": 10**9}))  # answered after the message's reply
+    replies = []
+    while True:
+        assert sock.poll(10000), "no pong: the node stopped serving"
+        reply, data = P.unpack_message(sock.recv_multipart())
+        if reply == {"re": 10**9, "ok": True}:
+            break
+        replies.append((reply, data))
+    assert len(replies) <= 1, replies
+    changed = False
+    for reply, data in replies:
+        assert isinstance(reply.get("ok"), bool), reply
+        if reply["ok"]:
+            event(f"{what}: ok")
+            changed = op in WRITES
+            if op in ("read_frames", "read_elements"):
+                assert data is not None
+        else:
+            assert reply.get("errno") in (errno.EINVAL, errno.EPERM), reply
+            assert "node error" not in reply.get("error", ""), reply
+            event(f"{what}: {errno.errorcode[reply['errno']]}")
+    if not replies:
+        event(f"{what}: dropped")
+    if not changed:
+        assert _node_memory(sock) == before, "a refused message changed the node's memory"
     assert cluster.check() == []

@@ -19,7 +19,6 @@ import socket
 import tempfile
 import time
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -294,7 +293,10 @@ def _exchange(endpoint: str, requests: list) -> list[dict]:
         for seq, req in enumerate(requests, 1):
             sock.send(P.encode_request(req, seq))
             assert sock.poll(10000), f"no reply to {req.op}"
-            replies.append(msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False))
+            reply, data = P.unpack_message(sock.recv_multipart())
+            if data is not None:  # frame contents come as a data frame beside the header
+                reply["data"] = bytes(data)
+            replies.append(reply)
         return replies
     finally:
         sock.close(0)

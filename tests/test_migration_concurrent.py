@@ -173,8 +173,15 @@ def increments_under_moves(cluster, root, name: str, moves_wanted: int,
 def test_increments_are_exact_while_their_pages_keep_moving(cluster, root):
     """Several processes increment their own slots across shared pages that a privileged
     task keeps moving: no lost update, no torn page, and the clients met migration entries."""
+    copied = [s["copy"] for s in cluster.node_stats().values()]
     results = increments_under_moves(cluster, root, "stress", 40)
     assert sum(waits for _, waits in results) > 0, "no client waited on a migrating page"
+    # On one host nodes copy by mapping each other's segments (test_remote_data.py forces
+    # the other way, through their data services).
+    after = [s["copy"] for s in cluster.node_stats().values()]
+    assert sum(x["frames_copied_mapped"] - y["frames_copied_mapped"]
+               for x, y in zip(after, copied)) == 40 * 4
+    assert sum(x["frames_fetched"] for x in after) == sum(y["frames_fetched"] for y in copied)
     assert cluster.check() == []
 
 

@@ -8,14 +8,18 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
+import zmq
 from conftest import cluster_is_gone, small_topology
 from test_migration_concurrent import PS, increments_under_moves
 
 import numaemu
+from nodes import node as node_mod
+from nodes.node import COPY_KEYS
 from numaemu import MPOL_BIND, MPOL_INTERLEAVE, ClusterError, NumaError, remote
 from numaemu import protocol as P
 from numaemu.transport import Connection
@@ -26,7 +30,8 @@ MODEL_KEYS = ("local_accesses", "remote_accesses", "local_bytes", "remote_bytes"
 
 @pytest.fixture(scope="module")
 def rcluster():
-    """A 2-node cluster whose tasks use the remote data path unless told otherwise."""
+    """A 2-node cluster whose tasks use the remote data path unless told otherwise, and whose
+    nodes copy migrated pages through each other's data services."""
     with numaemu.Cluster(small_topology(frames=4096), data_path="remote") as c:
         yield c
     assert cluster_is_gone(c.cluster_id)
@@ -147,12 +152,73 @@ def test_array_views_gather_scatter_and_slice_through_the_data_services(rtask):
     rtask.munmap(m.addr, m.length)
 
 
+def copy_counters(cluster) -> dict[str, int]:
+    """The nodes' copy-engine counters (``Cluster.node_stats``), summed over the nodes."""
+    stats = cluster.node_stats()
+    return {k: sum(s["copy"][k] for s in stats.values()) for k in COPY_KEYS}
+
+
 def test_increments_are_exact_while_pages_move_under_remote_clients(rcluster):
     """The shootdown guarantee over the wire: incrementers in their own processes, reaching
-    memory only through the data services, while a privileged task keeps moving the pages."""
+    memory only through the data services, while a privileged task keeps moving the pages.
+    The cluster's nodes are on the remote path too: every page moved went from node to node
+    through the source's data service (seed step 12 across hosts), none by mapping."""
     root = rcluster.attach(cpu=1, privileged=True)
-    increments_under_moves(rcluster, root, "rstress", 30)
+    before = copy_counters(rcluster)
+    increments_under_moves(rcluster, root, "rstress", 30, pages=4)
+    after = copy_counters(rcluster)
     root.close()
+    assert after["frames_fetched"] - before["frames_fetched"] == 30 * 4
+    assert after["frames_copied_mapped"] == before["frames_copied_mapped"]
+    assert after["fetch_failures"] == before["fetch_failures"]
+    assert rcluster.check() == []
+
+
+def _mover(task, m, target: int, barrier, out: list) -> None:
+    """Move ``m`` to ``target`` and back, each move started with the other mover's."""
+    for t in (target, target ^ 1):
+        barrier.wait(30)
+        out.append(list(task.move_pages(m.pages, [t] * len(m.pages))))
+
+
+def test_nodes_fetching_from_each_other_at_once_both_get_their_frames(rcluster):
+    """Migrations in both directions at once: node 1 fetches task a's pages from node 0
+    while node 0 fetches task b's from node 1.  A node's loop keeps serving its data
+    endpoint while its own fetch waits, so neither waits for the other: no fetch fails or
+    runs into its timeout, and the nodes did serve each other mid-fetch."""
+    pages = 1024  # 4 MiB each way: fetches that last a few ms, so that they overlap
+    a, b = rcluster.attach(cpu=0, privileged=True), rcluster.attach(cpu=2, privileged=True)
+    ma, mb = a.mmap(pages * PS), b.mmap(pages * PS)
+    data_a = bytes(range(256)) * (pages * PS // 256)
+    data_b = bytes(range(255, -1, -1)) * (pages * PS // 256)
+    a.write(ma.addr, data_a)  # first touch: on the task's own node
+    b.write(mb.addr, data_b)
+    assert set(a.move_pages(ma.pages)) == {0} and set(b.move_pages(mb.pages)) == {1}
+    before = copy_counters(rcluster)
+    overlapped, rounds = 0, 0
+    while not overlapped and rounds < 40:  # (almost always the first round)
+        barrier = threading.Barrier(2)
+        results: dict[str, list] = {"a": [], "b": []}
+        movers = [threading.Thread(target=_mover, args=(a, ma, 1, barrier, results["a"])),
+                  threading.Thread(target=_mover, args=(b, mb, 0, barrier, results["b"]))]
+        t0 = time.monotonic()
+        for th in movers:
+            th.start()
+        for th in movers:
+            th.join(60)
+        elapsed = time.monotonic() - t0
+        rounds += 2
+        assert results["a"] == [[1] * pages, [0] * pages]
+        assert results["b"] == [[0] * pages, [1] * pages]
+        assert elapsed < node_mod.FETCH_TIMEOUT, "a fetch waited for the other node"
+        counters = copy_counters(rcluster)
+        assert counters["fetch_failures"] == before["fetch_failures"]
+        overlapped = counters["served_during_fetch"] - before["served_during_fetch"]
+    assert overlapped, "the fetches never overlapped: nothing was tested"
+    assert a.read(ma.addr, pages * PS) == data_a and b.read(mb.addr, pages * PS) == data_b
+    assert counters["frames_fetched"] - before["frames_fetched"] == 2 * rounds * pages
+    a.close()
+    b.close()
     assert rcluster.check() == []
 
 
@@ -201,6 +267,37 @@ def test_malformed_data_requests_get_errors_and_the_node_keeps_serving(rcluster)
             conn.call("alloc", count=1, timeout=10)
         assert info.value.errno == errno.EPERM
         assert len(conn.call("read_frames", pfns=pfns, timeout=10)["data"]) == 2 * PS
+
+
+def test_oversized_frames_and_extra_frames_never_reach_the_frames(rcluster):
+    """ZMQ_MAXMSGSIZE bounds each frame: a data frame one byte over the limit drops its
+    sender's connection before the node reads it; a message of many small frames is EINVAL.
+    Neither changes the page, and the node keeps serving."""
+    root = rcluster.attach(cpu=0, privileged=True)
+    m = root.mmap(PS)
+    root.write(m.addr, b"kept" * (PS // 4))
+    node = root.move_pages([m.addr])[0]
+    pfn = root._npfn[(m.addr // PS) - root._base_vpn : (m.addr // PS) - root._base_vpn + 1]
+    endpoint = rcluster._call("info")["segments"][node]["data_endpoint"]
+    big = P.max_frame_message(PS) + 1
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        header = P.pack({"op": "write_frames", "seq": 1, "pfns": pfn, "offset": 0,
+                         "data": big})
+        sock.send_multipart([header, b"x" * big])
+        assert not sock.poll(2000), "an oversized frame was answered"
+        many = [P.encode_request(P.ReadFrames(pfns=pfn), 2)] + [b"x" * 8] * 40
+        with Connection(endpoint, peer=f"node {node}'s data service") as conn:
+            conn.sock.send_multipart(many)
+            with pytest.raises(NumaError) as info:
+                conn.wait(2, "read_frames", timeout=10)
+            assert info.value.errno == errno.EINVAL
+    finally:
+        sock.close(0)
+    assert root.read(m.addr, PS) == b"kept" * (PS // 4)
+    root.close()
 
 
 def test_a_stopped_or_dead_node_gives_an_error_never_a_hang(monkeypatch):
