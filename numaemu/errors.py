@@ -27,3 +27,16 @@ class NumaError(OSError):
 
 class ClusterError(RuntimeError):
     """The cluster (its coordinator or a node) is gone, not answering, or cannot be started."""
+
+
+class NodeUnreachable(ClusterError):
+    """Node ``node``'s data service did not serve an access (it went away, refused, or did
+    not answer in time).  An access path that meets it asks the coordinator about those
+    pages again: a dead node's pages are poisoned (EIO), as on the mapped path."""
+
+    def __init__(self, node: int, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+    def __reduce__(self):
+        return (type(self), (self.node, str(self)))

@@ -30,13 +30,14 @@ and the page size a multiple of it.
 from __future__ import annotations
 
 import errno
+import time
 from typing import Any
 
 import numpy as np
 
 from . import arrayops
-from .errors import NumaError
-from .task import ZERO_PFN
+from .errors import NodeUnreachable, NumaError
+from .task import UNREACHABLE_PAUSE, ZERO_PFN
 
 
 class TaskArray:
@@ -232,6 +233,7 @@ class TaskArray:
         out = np.empty(len(idx), dtype=self.dtype)
         if not len(idx):
             return out
+        gone = None
         while True:
             with task._access_lock:
                 frames = self._tlb(task._npfn, -1)
@@ -250,12 +252,18 @@ class TaskArray:
                     node = self._tlb(task._nnode, 0).take(page)
                     pfn *= self._per_page
                     pfn += within
-                    per_node = self._by_node(node, pfn, out)
+                    try:
+                        per_node = self._by_node(node, pfn, out)
+                    except NodeUnreachable as exc:  # fault that node's pages in again
+                        gone = task._forget_node(exc, gone)
+                        continue
                     if zero is not None:
                         out[zero] = 0
                     cost = sum(_charge(task, nd, count, self.dtype.itemsize)
                                for nd, count in per_node)
                     break
+            if gone is not None:
+                time.sleep(UNREACHABLE_PAUSE)
             task._fault(faults.tolist(), write=False)
         if task._pacer is not None:
             task._pacer.pay(cost)
@@ -266,6 +274,7 @@ class TaskArray:
         page, within = self._where(idx)
         if not len(idx):
             return
+        gone = None
         while True:
             with task._access_lock:
                 writable = self._tlb(task._nwrite, False)
@@ -276,11 +285,17 @@ class TaskArray:
                     node = self._tlb(task._nnode, 0).take(page)
                     pfn *= self._per_page
                     pfn += within
-                    per_node = self._by_node(node, pfn, values, store=True)
+                    try:
+                        per_node = self._by_node(node, pfn, values, store=True)
+                    except NodeUnreachable as exc:  # fault that node's pages in again
+                        gone = task._forget_node(exc, gone)
+                        continue
                     cost = sum(_charge(task, nd, count, self.dtype.itemsize)
                                for nd, count in per_node)
                     break
                 faults = arrayops.unique(page[~writable])[: task.MAX_FAULT] + self._slot0
+            if gone is not None:
+                time.sleep(UNREACHABLE_PAUSE)
             task._fault(faults.tolist(), write=True)
         if task._pacer is not None:
             task._pacer.pay(cost)

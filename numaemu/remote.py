@@ -40,11 +40,12 @@ from __future__ import annotations
 import errno
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from . import protocol as P
-from .errors import ClusterError, NumaError
+from .errors import ClusterError, NodeUnreachable, NumaError
 from .keys import Keys
 from .task import ZERO_PFN, byte_view
 from .transport import Connection
@@ -65,6 +66,19 @@ def data_path_setting(data_path: str | None) -> str:
         raise NumaError(errno.EINVAL, f"data_path must be one of {', '.join(DATA_PATHS)}, "
                                       f"not {data_path!r}")
     return data_path
+
+
+@contextmanager
+def _serving(node: int):
+    """Name the node whose data service failed: a ``ClusterError`` of its connection
+    becomes ``NodeUnreachable(node)``, which the access path answers by faulting again
+    (``Task._translated_access``)."""
+    try:
+        yield
+    except NodeUnreachable:
+        raise
+    except ClusterError as exc:
+        raise NodeUnreachable(node, str(exc)) from None
 
 
 def connect(node: int, endpoint: str, keys: str | Keys | None) -> Connection:
@@ -128,7 +142,8 @@ def page(task, i: int, off: int, end: int, src: memoryview | None):
     """``transfer`` of bytes ``[off, end)`` of the page of TLB slot ``i`` (translated; lock
     held): one request, built without the pieces' numpy work (a 4 KiB access costs a round
     trip and little more)."""
-    conn = task._links.get(int(task._nnode[i]))
+    node = int(task._nnode[i])
+    conn = task._links.get(node)
     if conn is None:  # a node this task maps
         return transfer(task, i, i + 1, off, end, src)
     pfns = task._npfn[i : i + 1]
@@ -139,7 +154,8 @@ def page(task, i: int, off: int, end: int, src: memoryview | None):
     else:
         req = P.WriteFrames(pfns=pfns, data=src, offset=off)
     started = time.perf_counter()
-    reply = conn.wait(conn.send(req), req.op, timeout=DATA_TIMEOUT)
+    with _serving(node):
+        reply = conn.wait(conn.send(req), req.op, timeout=DATA_TIMEOUT)
     t = task._totals
     t["data_requests"] += 1
     t["data_ns"] += (time.perf_counter() - started) * 1e9
@@ -205,7 +221,8 @@ def transfer(task, i0: int, i1: int, off: int, end: int, src: memoryview | None)
                 placed.append((c, head, load_frames(segments[nd].array, pfns, head, length)))
             else:
                 req = P.ReadFrames(pfns=pfns, offset=head, length=length)
-                pending.append((conn, conn.send(req), req.op, c, head, length))
+                with _serving(nd):
+                    pending.append((nd, conn, conn.send(req), req.op, c, head, length))
             continue
         if run:
             start = int(c[0]) * ps + head - off
@@ -220,9 +237,11 @@ def transfer(task, i0: int, i1: int, off: int, end: int, src: memoryview | None)
             store_frames(segments[nd].array, pfns, head, data)
         else:
             req = P.WriteFrames(pfns=pfns, data=data, offset=head)
-            pending.append((conn, conn.send(req), req.op, c, head, length))
-    for conn, seq, op, c, head, length in pending:
-        reply = conn.wait(seq, op, timeout=DATA_TIMEOUT)
+            with _serving(nd):
+                pending.append((nd, conn, conn.send(req), req.op, c, head, length))
+    for nd, conn, seq, op, c, head, length in pending:
+        with _serving(nd):
+            reply = conn.wait(seq, op, timeout=DATA_TIMEOUT)
         if src is None:  # zmq's buffer: copied once, into the result
             placed.append((c, head, _data(reply, length, conn)))
     if pending:
@@ -263,11 +282,13 @@ def elements(task, node: int, elem: np.ndarray, itemsize: int, data: np.ndarray 
             values = np.ascontiguousarray(data[lo : lo + step])
             req = P.WriteElements(elements=part.astype(P.PFN, copy=False), itemsize=itemsize,
                                   data=memoryview(values).cast("B"))
-        pending.append(conn.send(req))
+        with _serving(node):
+            pending.append(conn.send(req))
 
     def finish() -> bytes | None:
-        out = [conn.wait(seq, "read_elements" if data is None else "write_elements",
-                         timeout=DATA_TIMEOUT) for seq in pending]
+        with _serving(node):
+            out = [conn.wait(seq, "read_elements" if data is None else "write_elements",
+                             timeout=DATA_TIMEOUT) for seq in pending]
         t = task._totals
         t["data_requests"] += len(pending)
         t["data_ns"] += (time.perf_counter() - started) * 1e9

@@ -47,7 +47,7 @@ import zmq
 from . import argcheck, arrayops
 from . import protocol as P
 from .constants import MAX_REQUEST_PAGES, TASK_SIZE, MoveFlag
-from .errors import ClusterError, NumaError
+from .errors import ClusterError, NodeUnreachable, NumaError
 from .keys import Keys
 from .latency import MIGRATION_WAIT_NS, LatencyModel, Pacer
 from .profile import profile_array
@@ -63,6 +63,13 @@ STOP_POLL_MS = 50
 #: How long an access that finds the shootdown thread waiting for the access lock sleeps
 #: (GIL released) so that the shootdown gets it first.
 URGENT_YIELD_S = 0.00005
+#: How long an access keeps faulting again after a node's data service went unreachable,
+#: until the coordinator poisons the node's pages (EIO): a node on another host is declared
+#: dead after a 1.5 s lease, a hung local one after 5 s.  Under the coordinator's client
+#: lease (10 s), since the shootdown it may be waiting for needs this access to end.
+UNREACHABLE_RETRY = 5.0
+#: The pause between those retries (the access lock is free meanwhile).
+UNREACHABLE_PAUSE = 0.05
 #: ``Task._npfn`` of a slot that maps the shared zero page (no frame: reads are zeros).
 ZERO_PFN = -2
 #: A TLB list entry of a page on a node the task reaches through the node's data service
@@ -460,10 +467,15 @@ class Task:
         ack) and the attempt repeats.  Pays the injected delay; returns the value.  The
         mapped, remote (numaemu/remote.py) and array paths all go through here."""
         lock = self._access_lock
+        gone = None
         while True:
             lock.acquire()
             try:
-                done = attempt()
+                try:
+                    done = attempt()
+                except NodeUnreachable as exc:
+                    gone = self._forget_node(exc, gone)
+                    done = None
                 if done is None:
                     missing = self._missing((self._wtlb if write else self._rtlb)[i0:i1],
                                             i0, i1)
@@ -471,11 +483,31 @@ class Task:
                 lock.release()
             if done is not None:
                 break
+            if gone is not None:
+                time.sleep(UNREACHABLE_PAUSE)
             self._fault(missing, write=write)
         value, cost = done
         if self._pacer is not None:
             self._pacer.pay(cost)
         return value
+
+    def _forget_node(self, exc: NodeUnreachable, since: float | None) -> float:
+        """An access found node ``exc.node``'s data service gone (lock held): drop every
+        translation into that node, so that the access faults its pages in again.  The
+        coordinator answers such a fault with EIO once it has taken the node offline (a
+        poisoned page, as on the mapped path), or with the same translation while it still
+        believes in the node: the access then retries, and after ``UNREACHABLE_RETRY``
+        seconds of that gives up with ``exc``.  Returns when the retries began."""
+        now = time.monotonic()
+        if since is None:
+            since = now
+            log.info("task %d: node %d's data service is unreachable (%s); faulting again",
+                     self.pid, exc.node, exc)
+        elif now - since > UNREACHABLE_RETRY:
+            raise exc
+        hit = np.flatnonzero((self._nnode == exc.node) & (self._npfn != -1))
+        self._clear(hit + self._base_vpn)
+        return since
 
     def _translated(self, i0: int, i1: int, write: bool) -> bool:
         """Whether every slot of ``[i0, i1)`` has a translation (writable, for a write), by

@@ -5,6 +5,7 @@ runs on one machine.  Same bytes, same counters, same shootdown guarantee as the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -20,7 +21,7 @@ from test_migration_concurrent import PS, increments_under_moves
 import numaemu
 from nodes import node as node_mod
 from nodes.node import COPY_KEYS
-from numaemu import MPOL_BIND, MPOL_INTERLEAVE, ClusterError, NumaError, remote
+from numaemu import MPOL_BIND, MPOL_INTERLEAVE, NumaError, remote
 from numaemu import protocol as P
 from numaemu.transport import Connection
 
@@ -300,28 +301,44 @@ def test_oversized_frames_and_extra_frames_never_reach_the_frames(rcluster):
     root.close()
 
 
-def test_a_stopped_or_dead_node_gives_an_error_never_a_hang(monkeypatch):
+def test_a_hung_or_dead_node_poisons_its_pages_as_on_the_mapped_path(monkeypatch):
+    """An access to a node whose data service stops answering (SIGSTOP) or goes away
+    (SIGKILL) faults again until the coordinator takes the node offline: EIO, never a hang
+    and never a ClusterError for a cluster that is still up."""
     monkeypatch.setattr(remote, "DATA_TIMEOUT", 1.0)
-    with numaemu.Cluster(small_topology(frames=512), data_path="remote") as c:
+    with numaemu.Cluster(small_topology(nodes=3, frames=512), data_path="remote") as c:
         t = c.attach(cpu=0)
-        m = t.mmap(2 * PS)
-        t.mbind(m.addr, m.length, MPOL_BIND, [1])
-        t.write(m.addr, b"z" * (2 * PS))
-        pid = c.processes()["children"][2]  # coordinator first, then the nodes
-        os.kill(pid, signal.SIGSTOP)
+        hung, dead, kept = (t.mmap(2 * PS) for _ in range(3))
+        for m, node in ((hung, 1), (dead, 2), (kept, 0)):
+            t.mbind(m.addr, m.length, MPOL_BIND, [node])
+            t.write(m.addr, b"z" * (2 * PS))
+        pids = c.processes()["children"][1:]  # coordinator first, then the nodes
+
+        # Hung: each try waits DATA_TIMEOUT; the coordinator's 5 s lease declares the node
+        # dead and fences it; the access, still faulting again, then gets EIO.
+        os.kill(pids[1], signal.SIGSTOP)
         try:
             t0 = time.monotonic()
-            with pytest.raises((ClusterError, NumaError)):
-                t.read(m.addr, 8)
-            assert time.monotonic() - t0 < 5
+            with pytest.raises(NumaError) as info:
+                t.read(hung.addr, 8)
+            assert info.value.errno == errno.EIO
+            assert time.monotonic() - t0 < 5 + 2 * remote.DATA_TIMEOUT + 1
         finally:
-            os.kill(pid, signal.SIGCONT)
-        os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[1], signal.SIGCONT)
+
+        # Dead: at once, before the coordinator may have noticed, through every access path.
+        view = dead.ndarray(np.int64)
+        os.kill(pids[2], signal.SIGKILL)
         t0 = time.monotonic()
-        with pytest.raises((ClusterError, NumaError)):
-            for _ in range(100):  # until the node's death is seen (at once, or by a fault)
-                t.read(m.addr, 8)
-                time.sleep(0.05)
-        assert time.monotonic() - t0 < 10
+        for access in (lambda: t.read(dead.addr, 8), lambda: t.write(dead.addr + PS, b"w"),
+                       lambda: view[np.array([0, 300])],
+                       lambda: view.__setitem__(np.array([7, 600]), 1)):
+            with pytest.raises(NumaError) as info:
+                access()
+            assert info.value.errno == errno.EIO
+        assert time.monotonic() - t0 < 5
+        assert t.read(kept.addr, 4) == b"zzzz"
+        assert sorted(c.offline_nodes()) == [1, 2]
         t.close()
     assert cluster_is_gone(c.cluster_id)
