@@ -22,6 +22,7 @@ from conftest import cluster_is_gone
 from test_curve import exchange
 from test_lifecycle import wait_until
 from test_migration_concurrent import increments_under_moves
+from test_remote_data import copy_counters
 
 import numaemu
 from numaemu import protocol as P
@@ -129,11 +130,17 @@ def test_workloads_on_three_ray_nodes_move_pages_and_read_back_exact_data(rclust
 
 
 def test_increments_are_exact_while_pages_move_between_ray_nodes(rcluster):
+    before = copy_counters(rcluster)
     root = rcluster.attach(cpu=0, privileged=True)
     try:
         increments_under_moves(rcluster, root, "ray-increments", moves_wanted=12)
     finally:
         root.close()
+    after = copy_counters(rcluster)
+    # Each move copied its 4 pages node to node, through the source's data service: not
+    # through the coordinator or a client, and not by mapping the other node's memory.
+    assert after["frames_fetched"] - before["frames_fetched"] == 12 * 4
+    assert after["frames_copied_mapped"] == before["frames_copied_mapped"]
 
 
 def test_a_client_runs_on_the_host_it_names(rcluster, ray_nodes):
