@@ -291,16 +291,17 @@ def run_bench(what: str, *, json_out: bool = False, pages: int | None = None,
               repeat: int = 5, batch: int | None = None, topology: Topology | None = None,
               dilation: float | None = None, steps: int | None = None,
               seconds: float | None = None, plot: str | None = None,
-              cycles: int | None = None) -> int:
+              cycles: int | None = None, transport: str = "ipc") -> int:
     """Run benchmark ``what`` (or the quick ones, for "all") and print each as it ends:
     a table, or with ``json_out`` one JSON line per benchmark.  ``pages`` is each one's
-    size knob, ``plot`` the PNG of placement and scale (None: the default, "": none)."""
+    size knob, ``plot`` the PNG of placement and scale (None: the default, "": none),
+    ``transport`` the remote bench's ("ipc", or "tcp" with CURVE on both sides)."""
     from .bench_report import TEXT, json_line
 
     for name in QUICK if what == "all" else (what,):
         figures = _measure(name, all_=what == "all", pages=pages, repeat=repeat, batch=batch,
                            topology=topology, dilation=dilation, steps=steps,
-                           seconds=seconds, cycles=cycles,
+                           seconds=seconds, cycles=cycles, transport=transport,
                            plot=PLOTS.get(name) if plot is None else plot or None)
         if json_out:
             if name == "migrate":
@@ -312,7 +313,7 @@ def run_bench(what: str, *, json_out: bool = False, pages: int | None = None,
 
 
 def _measure(name: str, *, all_: bool, pages, repeat, batch, topology, dilation, steps,
-             seconds, cycles, plot) -> dict:
+             seconds, cycles, plot, transport="ipc") -> dict:
     if name == "startup":
         return bench_startup(repeat)
     if name in ("fault", "access"):
@@ -358,7 +359,7 @@ def _measure(name: str, *, all_: bool, pages, repeat, batch, topology, dilation,
     if name == "remote":
         from .bench_remote import bench_remote
 
-        return bench_remote(repeat, steps or 1000)
+        return bench_remote(repeat, steps or 1000, transport)
     if name == "memory":
         from .bench_memory import bench_memory
 

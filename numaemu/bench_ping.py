@@ -28,6 +28,7 @@ import zmq
 
 from . import protocol as P
 from .cluster import Cluster
+from .keys import Keys
 from .topology import Topology
 from .transport import Connection
 
@@ -56,20 +57,30 @@ class EchoServer:
     DEALER connected to it: ``round_trips(n)`` times ``n`` echoes one by one.  The baseline
     server of every benchmark that compares against bare zmq."""
 
-    def __init__(self, serve: str = "numaemu.bench_ping:serve_echo") -> None:
+    def __init__(self, serve: str = "numaemu.bench_ping:serve_echo",
+                 keys: str | None = None) -> None:
+        """``keys``: a cluster's key directory; the server then listens on loopback tcp
+        as a CURVE server with those keys, and this side connects as their client: the
+        link a tcp cluster's peers use."""
         self._dir = tempfile.mkdtemp(prefix="numaemu-bench-")
-        self.endpoint = f"ipc://{self._dir}/bare.sock"
+        self.endpoint = f"ipc://{self._dir}/bare.sock" if keys is None else \
+            "tcp://127.0.0.1:*"
         module, function = serve.split(":")
-        code = f"from {module} import {function}; {function}({self.endpoint!r})"
+        extra = "" if keys is None else f", keys={keys!r}"
+        code = f"from {module} import {function}; {function}({self.endpoint!r}{extra})"
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, text=True)
         self._ctx = self._sock = None
         try:
-            if self._proc.stdout.readline().strip() != "ready":
+            ready = self._proc.stdout.readline().split()
+            if not ready or ready[0] != "ready":
                 raise RuntimeError(f"the bare server {serve} exited with {self._proc.wait()}")
+            self.endpoint = ready[1] if len(ready) > 1 else self.endpoint
             self._ctx = zmq.Context()
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if keys is not None:
+                Keys.load(keys).client(self._sock)
             self._sock.connect(self.endpoint)
         except BaseException:
             self.close()

@@ -26,20 +26,27 @@ from .bench_ping import EchoServer
 from .bench_report import Line, Target, table
 from .cluster import Cluster
 from .constants import MPOL_BIND
+from .keys import Keys
 from .topology import Topology
 
 MIB = 1 << 20
 
 
-def serve_frames(endpoint: str) -> None:
+def serve_frames(endpoint: str, keys: str | None = None) -> None:
     """A ROUTER answering ``R<size>`` with ``size`` bytes and anything else (a write) with
-    ``ok``, until a message says ``stop``."""
+    ``ok``, until a message says ``stop``; with ``keys``, a CURVE server of those keys (as
+    every tcp endpoint of a cluster is).  Prints ``ready ENDPOINT`` once bound."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    auth = None
+    if keys is not None:
+        curve = Keys.load(keys)
+        auth = curve.authenticator(ctx)
+        curve.server(sock)
     sock.bind(endpoint)
     blobs: dict[int, bytes] = {}
-    print("ready", flush=True)
+    print("ready", sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
     try:
         while True:
             ident, msg = sock.recv_multipart(copy=False)
@@ -55,14 +62,16 @@ def serve_frames(endpoint: str) -> None:
                 sock.send_multipart([ident, b"ok"])
     finally:
         sock.close(0)
+        if auth is not None:
+            auth.stop()
         ctx.term()
 
 
 class FrameServer(EchoServer):
     """``serve_frames`` in a fresh Python process, with a DEALER connected to it."""
 
-    def __init__(self) -> None:
-        super().__init__("numaemu.bench_remote:serve_frames")
+    def __init__(self, keys: str | None = None) -> None:
+        super().__init__("numaemu.bench_remote:serve_frames", keys)
 
     def reads(self, n: int, size: int) -> list[float]:
         """Seconds of each of ``n`` requests answered with ``size`` bytes."""
@@ -98,17 +107,26 @@ def _timed(n: int, fn) -> list[float]:
     return out
 
 
-def bench_remote(repeat: int = 5, count: int = 1000) -> dict:
-    """The remote data path's 4 KiB and 1 MiB costs next to bare zmq ones."""
+def bench_remote(repeat: int = 5, count: int = 1000, transport: str = "ipc") -> dict:
+    """The remote data path's 4 KiB and 1 MiB costs next to bare zmq ones, over ``transport``
+    ("ipc", or "tcp": loopback, with CURVE on the cluster and the baseline alike)."""
     if repeat < 1 or count < 1:
         raise ValueError("repeat and count must be at least 1")
+    if transport not in ("ipc", "tcp"):
+        raise ValueError(f"transport must be ipc or tcp, not {transport!r}")
     big = max(1, count // 20)  # 1 MiB transfers per run
     topo = Topology.symmetric(nodes=2, frames_per_node=1024, cpus_per_node=1)
     runs: dict[str, list[float]] = {k: [] for k in ("read4k", "zmq4k", "read1m", "zmq_read1m",
                                                     "write1m", "zmq_write1m")}
     ratios: dict[str, list[float]] = {"read4k": [], "read1m": [], "write1m": []}
     data = bytes(range(256)) * (MIB // 256)
-    with FrameServer() as bare, Cluster(topo, data_path="remote") as cluster:
+    listen = None
+    if transport == "tcp":
+        from .rundir import free_port_block
+
+        listen = f"tcp://127.0.0.1:{free_port_block()}"
+    with Cluster(topo, data_path="remote", listen=listen) as cluster, \
+            FrameServer(cluster.keys) as bare:
         task = cluster.attach(cpu=0, inject=None)
         try:
             m = task.mmap(MIB)
@@ -141,7 +159,7 @@ def bench_remote(repeat: int = 5, count: int = 1000) -> dict:
     def gbs(key: str) -> float:
         return MIB / statistics.median(runs[key]) / 1e9
 
-    return {"count": count, "repeat": repeat, "transport": "ipc",
+    return {"count": count, "repeat": repeat, "transport": transport,
             "read4k_ms": statistics.median(runs["read4k"]) * 1e3,
             "zmq4k_ms": statistics.median(runs["zmq4k"]) * 1e3,
             "read4k_slowdown": statistics.median(ratios["read4k"]),

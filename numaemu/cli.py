@@ -434,7 +434,7 @@ def cmd_bench(args) -> int:
     return run_bench(args.what, json_out=args.json, pages=args.pages, repeat=args.repeat,
                      batch=args.batch, topology=topology, dilation=args.dilation,
                      steps=args.steps, seconds=args.seconds, plot=args.plot,
-                     cycles=args.cycles)
+                     cycles=args.cycles, transport=args.transport)
 
 
 # -- parser ------------------------------------------------------------------------------
@@ -613,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency: timed dependent reads per cell and run (default 20000); "
                    "ping: round trips per run (default 2000); remote: 4 KiB reads per run "
                    "(default 1000)")
+    p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                   help="remote: the link, for the cluster and the bare baseline alike "
+                   "(tcp: loopback, CURVE-authenticated and encrypted as every tcp endpoint)")
     p.add_argument("--cycles", type=_positive(int), default=None,
                    help="memory: rounds of mmap/touch/munmap in the client (default 10)")
     # The latency bench's machine, given as to `numaemu up` (default: the built-in cluster).

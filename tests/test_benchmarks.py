@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,9 +92,11 @@ def test_bench_ping_reports_round_trips_beside_bare_zmq():
                               "syscall_ms", "syscall_slowdown"])
 
 
-def test_bench_remote_reports_the_data_path_beside_bare_zmq():
-    [figures] = bench("remote", "--steps", "20", "--repeat", "1")
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_bench_remote_reports_the_data_path_beside_bare_zmq(transport):
+    [figures] = bench("remote", "--steps", "20", "--repeat", "1", "--transport", transport)
     assert figures["bench"] == "remote" and figures["count"] == 20
+    assert figures["transport"] == transport
     assert_positive(figures, ["read4k_ms", "zmq4k_ms", "read4k_slowdown", "read1m_gb_s",
                               "zmq_read1m_gb_s", "read1m_ratio", "write1m_gb_s",
                               "zmq_write1m_gb_s", "write1m_ratio", "data_requests"])
