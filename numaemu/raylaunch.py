@@ -118,6 +118,10 @@ class RoleHost:
         where = this_host()
         if role == "node":
             spec = dict(spec, data_endpoint=f"tcp://{where['ip']}:*")
+            swept = sweep_orphan_segments()
+            if swept:
+                log.warning("removed segments nobody maps, left by clusters gone: %s",
+                            ", ".join(swept))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "numaemu.raylaunch", role, json.dumps(spec)],
             stdin=subprocess.PIPE, start_new_session=True)
@@ -148,6 +152,51 @@ class RoleHost:
             except FileNotFoundError:
                 pass
         return removed
+
+
+def sweep_orphan_segments(min_age: float = 60.0) -> list[str]:
+    """Remove this host's numaemu segments that no process maps and that are older than
+    ``min_age`` seconds (a node maps its segment the moment it creates it); the paths.
+
+    A node whose actor was killed may be killed with it (Ray kills a dead worker's
+    children) before it removes its segment, and on a host other than the coordinator's
+    nobody else would: the next node started on that host sweeps it."""
+    import time
+
+    from nodes.segment import PREFIX, SHM_DIR
+
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)]
+    except FileNotFoundError:
+        return []
+    now = time.time()
+    candidates = set()
+    for name in names:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if now - os.stat(path).st_mtime >= min_age:
+                candidates.add(path)
+        except FileNotFoundError:
+            continue
+    if not candidates:
+        return []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped = {line.split(None, 5)[-1].strip() for line in f if SHM_DIR in line}
+        except OSError:
+            continue
+        candidates -= {m.removesuffix(" (deleted)") for m in mapped}
+        if not candidates:
+            return []
+    removed = []
+    for path in sorted(candidates):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:  # gone meanwhile, or another user's
+            pass
+    return removed
 
 
 class ClientHost:

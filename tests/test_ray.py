@@ -240,6 +240,28 @@ def test_a_killed_node_actor_is_a_dead_node_and_teardown_leaves_nothing(ray_node
     assert not _actors_of(cid)
 
 
+def test_segments_nobody_maps_are_swept_and_mapped_ones_kept(cluster, tmp_path):
+    from nodes.segment import SHM_DIR, cluster_segments
+    from numaemu.raylaunch import sweep_orphan_segments
+
+    orphan = os.path.join(SHM_DIR, "numaemu-0rphan00-node0")
+    with open(orphan, "wb") as f:
+        f.truncate(1 << 16)
+    live = cluster_segments(cluster.cluster_id)
+    assert live
+    old = time.time() - 3600
+    for path in [orphan, *live]:
+        os.utime(path, (old, old))
+    try:
+        removed = sweep_orphan_segments()
+        assert orphan in removed and not os.path.exists(orphan)
+        assert all(os.path.exists(p) for p in live)  # mapped by their nodes
+        assert not set(removed) & set(live)
+    finally:
+        if os.path.exists(orphan):
+            os.unlink(orphan)
+
+
 def test_without_ray_the_launcher_says_how_to_install_it(monkeypatch, capsys):
     from numaemu.cli import main as cli_main
 
