@@ -91,11 +91,9 @@ def connect(node: int, endpoint: str, keys: str | Keys | None) -> Connection:
 
 def read(task, addr: int, n: int) -> bytes:
     """``task.read`` of a task with remote nodes."""
-    addr, n, i0, i1 = task._span(addr, n)
+    n, i0, i1, off, end = task._span(addr, n)
     if n == 0:
         return b""
-    ps = task.page_size
-    off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
 
     if i1 - i0 == 1:  # the common case, without the numpy work of many pages
         def attempt():
@@ -115,11 +113,9 @@ def read(task, addr: int, n: int) -> bytes:
 def write(task, addr: int, data) -> None:
     """``task.write`` of a task with remote nodes."""
     src = byte_view(data)
-    addr, n, i0, i1 = task._span(addr, len(src))
+    n, i0, i1, off, end = task._span(addr, len(src))
     if n == 0:
         return
-    ps = task.page_size
-    off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
 
     if i1 - i0 == 1:
         def attempt():

@@ -443,9 +443,9 @@ class Task:
         """Write ``data`` (any bytes-like object) at virtual address ``addr``."""
         raise NotImplementedError
 
-    def _span(self, addr: Any, n: Any) -> tuple[int, int, int, int]:
-        """Check an access of ``n`` bytes at ``addr``; return (addr, n, first and last+1 TLB
-        index) with plain ints."""
+    def _span(self, addr: Any, n: Any) -> tuple[int, int, int, int, int]:
+        """Check an access of ``n`` bytes at ``addr``; return (n, first and last+1 TLB index,
+        the access's first byte in its first page and its end in its last) as plain ints."""
         if type(addr) is not int or type(n) is not int:
             addr, n = argcheck.integer("address", addr), argcheck.integer("length", n)
         if n < 0:
@@ -457,7 +457,8 @@ class Task:
             raise NumaError(errno.EFAULT, f"{n} bytes at {addr:#x} go past the end of the "
                                           "address space (SIGSEGV)")
         i1 = ((addr + max(n, 1) - 1) >> self._shift) - self._base_vpn + 1
-        return addr, n, i0, i1
+        mask = self.page_size - 1
+        return n, i0, i1, addr & mask, ((addr + n - 1) & mask) + 1
 
     def _translated_access(self, i0: int, i1: int, write: bool, attempt) -> Any:
         """Run an access of TLB slots ``[i0, i1)`` (a ``write`` needs writable slots):
@@ -585,11 +586,10 @@ class Task:
         return node, first
 
     def _slow_read(self, addr: int, n: int) -> bytes:
-        addr, n, i0, i1 = self._span(addr, n)
+        n, i0, i1, off, end = self._span(addr, n)
         if n == 0:
             return b""
         ps = self.page_size
-        off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
 
         def attempt():
             if i1 - i0 == 1:
@@ -614,11 +614,9 @@ class Task:
 
     def _slow_write(self, addr: int, data) -> None:
         src = byte_view(data)
-        addr, n, i0, i1 = self._span(addr, len(src))
+        n, i0, i1, off, end = self._span(addr, len(src))
         if n == 0:
             return
-        ps = self.page_size
-        off, end = addr & (ps - 1), ((addr + n - 1) & (ps - 1)) + 1
 
         def attempt():
             if i1 - i0 == 1:
