@@ -263,8 +263,6 @@ class Cluster:
         from . import raylaunch
 
         raylaunch.init(self.ray["address"] if self.ray else self.ray_address)
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         if host is None and cpu is not None and cpu in self.topology.cpus:
             node = self.topology.node_of_cpu(cpu)
             if self.ray:
@@ -275,7 +273,7 @@ class Cluster:
                 host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
         if host is None:
             return None
-        return NodeAffinitySchedulingStrategy(raylaunch.resolve_host(host), soft=False)
+        return raylaunch.pin(host)
 
     def _call(self, op: str, **fields) -> dict:
         with Connection(self._require(), keys=self.keys) as conn:

@@ -267,17 +267,14 @@ def node_strategies(topology, node_memory: list[int]) -> tuple[list, Any]:
     the nodes the topology does not pin (None if it pins all)."""
     ray = require_ray()
     from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import (
-        NodeAffinitySchedulingStrategy,
-        PlacementGroupSchedulingStrategy,
-    )
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     pinned = list(topology.placement or [""] * topology.num_nodes)
     free = [n for n in topology.nodes if not pinned[n]]
     strategies: list = [None] * topology.num_nodes
     for n in topology.nodes:
         if pinned[n]:
-            strategies[n] = NodeAffinitySchedulingStrategy(resolve_host(pinned[n]), soft=False)
+            strategies[n] = pin(pinned[n])
     group = None
     if free:
         hosts = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -297,12 +294,17 @@ def node_strategies(topology, node_memory: list[int]) -> tuple[list, Any]:
     return strategies, group
 
 
-def here_strategy():
-    """Pin an actor to the calling process's own Ray node."""
-    ray = require_ray()
+def pin(host: str):
+    """A scheduling strategy that puts an actor on the Ray node ``host`` names (the
+    selectors of ``resolve_host``), and nowhere else."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return NodeAffinitySchedulingStrategy(resolve_host(host), soft=False)
+
+
+def here_strategy():
+    """Pin an actor to the calling process's own Ray node."""
+    return pin(require_ray().get_runtime_context().get_node_id())
 
 
 class ActorProcess:
